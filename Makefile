@@ -1,0 +1,5 @@
+.PHONY: build test demo
+build:
+	swift build
+test:
+	scripts/test.sh

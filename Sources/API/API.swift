@@ -1,0 +1,3 @@
+import Engine
+import CMicroHTTPD
+import CJansson

@@ -1,0 +1,10 @@
+import ArgumentParser
+
+@main
+struct XenSimCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "xensim",
+        abstract: "A simulated Xen: xenstored, hypervisor services, toolstack and guests, all under one directory.",
+        subcommands: []
+    )
+}

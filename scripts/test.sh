@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test command: dependencies, build, then every test (unit and integration on the simulator).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+swift build
+swift test --parallel "$@"
