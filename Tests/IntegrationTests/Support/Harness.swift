@@ -1,0 +1,190 @@
+import Foundation
+import Testing
+
+/// Runs the package's own executables as separate processes, the way operators do, and
+/// cleans up after every test: each process started here is ended by its pid.
+enum Harness {
+    /// Directory holding the built products (swift build puts them next to the test bundle).
+    static let binDirectory: URL = {
+        if let explicit = ProcessInfo.processInfo.environment["BLKBACK_BIN_DIR"] {
+            return URL(fileURLWithPath: explicit)
+        }
+        var url = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
+        while url.path != "/" {
+            url.deleteLastPathComponent()
+            if FileManager.default.isExecutableFile(atPath: url.appendingPathComponent("xensim").path) { return url }
+        }
+        // Fallback: the package's debug build folder, found from this source file.
+        return URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent(".build/debug")
+    }()
+
+    static func executable(_ name: String) -> String { binDirectory.appendingPathComponent(name).path }
+
+    struct Result {
+        let status: Int32
+        let stdout: String
+        let stderr: String
+    }
+
+    /// Runs a program to completion (bounded by `timeout` seconds; then it is killed).
+    @discardableResult
+    static func run(_ program: String, _ arguments: [String], environment: [String: String] = [:],
+                    timeout: TimeInterval = 60) throws -> Result {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: program.hasPrefix("/") ? program : try which(program))
+        process.arguments = arguments
+        process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        let out = Pipe(), err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        try process.run()
+        // Drain both pipes while waiting so a chatty child never blocks on a full pipe.
+        let outData = OutputCollector(out.fileHandleForReading), errData = OutputCollector(err.fileHandleForReading)
+        let deadline = Date().addingTimeInterval(timeout)
+        while process.isRunning && Date() < deadline { usleep(10_000) }
+        if process.isRunning {
+            kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
+        }
+        process.waitUntilExit()
+        return Result(status: process.terminationStatus, stdout: outData.finish(), stderr: errData.finish())
+    }
+
+    static func which(_ name: String) throws -> String {
+        for dir in (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin").split(separator: ":") {
+            let candidate = "\(dir)/\(name)"
+            if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+        }
+        throw HarnessError("\(name) not found in PATH")
+    }
+
+    /// A fresh directory under /tmp, removed by `remove()`.
+    static func temporaryDirectory(_ label: String) throws -> URL {
+        let url = URL(fileURLWithPath: NSTemporaryDirectory())
+            .appendingPathComponent("blkback-\(label)-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
+        return url
+    }
+}
+
+struct HarnessError: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// Collects a pipe's output on a background thread.
+final class OutputCollector: @unchecked Sendable {
+    private var data = Data()
+    private let lock = NSLock()
+    private let done = DispatchSemaphore(value: 0)
+
+    init(_ handle: FileHandle) {
+        Thread.detachNewThread { [self] in
+            while true {
+                let chunk = handle.availableData
+                if chunk.isEmpty { break }
+                lock.withLock { data.append(chunk) }
+            }
+            done.signal()
+        }
+    }
+
+    func finish() -> String {
+        done.wait()
+        return lock.withLock { String(decoding: data, as: UTF8.self) }
+    }
+
+    func snapshot() -> String { lock.withLock { String(decoding: data, as: UTF8.self) } }
+}
+
+/// A long-running child (blkback-server, a guest frontend): started now, ended by pid.
+final class BackgroundProcess: @unchecked Sendable {
+    let process = Process()
+    private let stdout: OutputCollector
+    private let stderr: OutputCollector
+
+    init(_ program: String, _ arguments: [String], environment: [String: String] = [:]) throws {
+        process.executableURL = URL(fileURLWithPath: program)
+        process.arguments = arguments
+        process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        let out = Pipe(), err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        try process.run()
+        stdout = OutputCollector(out.fileHandleForReading)
+        stderr = OutputCollector(err.fileHandleForReading)
+    }
+
+    var pid: Int32 { process.processIdentifier }
+    var isRunning: Bool { process.isRunning }
+    var output: String { stdout.snapshot() + stderr.snapshot() }
+
+    /// Sends `signal`, waits up to `grace` seconds, then SIGKILLs. Returns the exit status.
+    @discardableResult
+    func stop(signal: Int32 = SIGTERM, grace: TimeInterval = 10) -> Int32 {
+        if process.isRunning { kill(pid, signal) }
+        let deadline = Date().addingTimeInterval(grace)
+        while process.isRunning && Date() < deadline { usleep(10_000) }
+        if process.isRunning { kill(pid, SIGKILL) }
+        process.waitUntilExit()
+        return process.terminationStatus
+    }
+
+    deinit { if process.isRunning { stop(signal: SIGKILL, grace: 1) } }
+}
+
+/// A simulator started with `xensim run --detach` in its own directory; `stop()` ends it
+/// (`xensim stop`, then by pid if it did not go) and removes the directory.
+final class Simulator: @unchecked Sendable {
+    let directory: URL
+    var path: String { directory.path }
+    var xenstoredSocket: String { directory.appendingPathComponent("xenstored.sock").path }
+    /// Environment that points libxenstore and xenstore-utils at this simulator as dom0.
+    var dom0Environment: [String: String] { ["XENSTORED_PATH": xenstoredSocket] }
+    func guestEnvironment(_ domid: Int) -> [String: String] {
+        ["XENSTORED_PATH": directory.appendingPathComponent("dom\(domid).sock").path]
+    }
+
+    init(_ label: String = "sim") throws {
+        directory = try Harness.temporaryDirectory(label)
+        let result = try Harness.run(Harness.executable("xensim"), ["run", "--dir", directory.path, "--detach"], timeout: 30)
+        guard result.status == 0 else {
+            throw HarnessError("xensim run failed (\(result.status)): \(result.stderr)")
+        }
+    }
+
+    /// Runs an xensim subcommand against this simulator (`--dir` is added after the verb).
+    @discardableResult
+    func xensim(_ verb: [String], _ arguments: [String] = [], timeout: TimeInterval = 60) throws -> Harness.Result {
+        try Harness.run(Harness.executable("xensim"), verb + ["--dir", path] + arguments, timeout: timeout)
+    }
+
+    /// Runs a xenstore-utils command as dom0 (or as guest `domid`).
+    @discardableResult
+    func xenstore(_ tool: String, _ arguments: [String], asDomain domid: Int? = nil) throws -> Harness.Result {
+        try Harness.run(tool, arguments, environment: domid.map(guestEnvironment) ?? dom0Environment, timeout: 20)
+    }
+
+    func stop() {
+        let pidFile = directory.appendingPathComponent("xensim.pid").path
+        let pid = (try? String(contentsOfFile: pidFile, encoding: .utf8)).flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+        _ = try? xensim(["stop"], timeout: 15)
+        if let pid, kill(pid, 0) == 0 {
+            kill(pid, SIGKILL)
+        }
+        try? FileManager.default.removeItem(at: directory)
+    }
+
+    deinit { stop() }
+}
+
+/// Polls `condition` every 20 ms until it holds or `timeout` seconds pass.
+func eventually(timeout: TimeInterval = 10, _ condition: () throws -> Bool) rethrows -> Bool {
+    let deadline = Date().addingTimeInterval(timeout)
+    repeat {
+        if try condition() { return true }
+        usleep(20_000)
+    } while Date() < deadline
+    return false
+}
