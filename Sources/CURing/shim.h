@@ -3,6 +3,8 @@
 #include <features.h>
 #include <fcntl.h>
 #include <liburing.h>
+#include <sys/eventfd.h>
+#include <linux/falloc.h>
 /* O_DIRECT hides behind _GNU_SOURCE, which would change fd_set again; spell it per arch. */
 static inline int curing_o_direct(void) {
 #if defined(__aarch64__) || defined(__arm__)
