@@ -1,0 +1,57 @@
+/// What this backend advertises and serves; fixed for the daemon's lifetime.
+public struct BackendConfiguration: Sendable, Equatable {
+    /// Highest ring-page-order a frontend may ask for: XENBUS_MAX_RING_GRANT_ORDER (16 pages).
+    public static let ringPageOrderLimit = 4
+    /// BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST (8) pages of 512 segments each.
+    public static let indirectSegmentLimit = 8 * 512
+
+    /// The domain this backend runs in (its xenstore home is /local/domain/<domid>).
+    public var domid: UInt32
+    /// The backend/<kind> trees served (vbd, vbd3, qdisk, ...).
+    public var kinds: [String]
+    /// multi-queue-max-queues.
+    public var maxQueues: Int
+    /// max-ring-page-order.
+    public var maxRingPageOrder: Int
+    /// feature-max-indirect-segments; 0 advertises no indirect descriptors.
+    public var maxIndirectSegments: Int
+    /// feature-persistent offered to frontends.
+    public var persistentGrants: Bool
+
+    public init(domid: UInt32 = 0, kinds: [String] = ["vbd"], maxQueues: Int = 4, maxRingPageOrder: Int = 4,
+                maxIndirectSegments: Int = 256, persistentGrants: Bool = true) {
+        self.domid = domid
+        self.kinds = kinds
+        self.maxQueues = maxQueues
+        self.maxRingPageOrder = maxRingPageOrder
+        self.maxIndirectSegments = maxIndirectSegments
+        self.persistentGrants = persistentGrants
+    }
+
+    /// One line naming the first setting outside what blkif allows, or nil when all are valid.
+    public var validationError: String? {
+        if kinds.isEmpty { return "at least one --kind is needed" }
+        if let bad = kinds.first(where: { !BackendConfiguration.isValidKind($0) }) {
+            return "kind '\(bad)' is not a xenstore path element (letters, digits, '-', '_')"
+        }
+        if maxQueues < 1 || maxQueues > 256 { return "max-queues \(maxQueues) is outside 1...256" }
+        if maxRingPageOrder < 0 || maxRingPageOrder > Self.ringPageOrderLimit {
+            return "max-ring-page-order \(maxRingPageOrder) is outside 0...\(Self.ringPageOrderLimit)"
+        }
+        if maxIndirectSegments < 0 || maxIndirectSegments > Self.indirectSegmentLimit {
+            return "max-indirect-segments \(maxIndirectSegments) is outside 0...\(Self.indirectSegmentLimit)"
+        }
+        return nil
+    }
+
+    static func isValidKind(_ kind: String) -> Bool {
+        !kind.isEmpty && kind.utf8.count <= 64 && kind.allSatisfy {
+            $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == "_")
+        }
+    }
+
+    /// /local/domain/<domid>: where backend/ and error/ live.
+    public var domainPath: String { "/local/domain/\(domid)" }
+
+    public func backendRoot(kind: String) -> String { "\(domainPath)/backend/\(kind)" }
+}

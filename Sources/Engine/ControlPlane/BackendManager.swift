@@ -1,0 +1,237 @@
+import Foundation
+import Glibc
+import Logging
+
+/// Serves the backend/<kind> trees of our domain: discovers VBDs the toolstack creates,
+/// probes them, follows their frontends and tears them down (xenbus's backend bus plus
+/// xen-blkback's xenbus.c). One control-plane thread runs an event loop over the xenstore
+/// watch descriptor and a wakeup pipe; every VBD's state is owned by that thread.
+public final class BackendManager: @unchecked Sendable {
+    private let context: ControlPlaneContext
+    private let wakeup: WakeupPipe
+    private var logger: Logger { context.logger }
+    private var configuration: BackendConfiguration { context.configuration }
+
+    // Owned by the control-plane thread.
+    private var devices: [String: VBD] = [:]
+    /// Rings of forgotten devices that still had requests in flight.
+    private var draining: [any ConnectedRings] = []
+
+    // Shared with other threads, under `lock`.
+    private let lock = NSLock()
+    private var published: [VBDSnapshot] = []
+    private var stopRequested = false
+    private var watching = false
+    private let finished = DispatchSemaphore(value: 0)
+    private var thread: Thread?
+
+    /// How long to wait between retries of a disconnect that found requests in flight.
+    private static let drainRetryMilliseconds: Int32 = 100
+    /// At shutdown, how long in-flight requests may take before we stop waiting.
+    private static let shutdownDrainSeconds = 8.0
+
+    public init(configuration: BackendConfiguration, store: XenStore, dataPlane: (any DataPlane)?, logger: Logger) throws {
+        context = ControlPlaneContext(store: store, configuration: configuration, dataPlane: dataPlane, logger: logger)
+        wakeup = try WakeupPipe()
+    }
+
+    /// Registers the backend/<kind> watches (they fire at once, even for a tree that does
+    /// not exist yet, which starts the first scan) and starts the control-plane thread.
+    public func start() throws {
+        for kind in configuration.kinds {
+            try context.store.watch(configuration.backendRoot(kind: kind), token: WatchToken.backendTree(kind: kind).text)
+        }
+        lock.withLock { watching = true }
+        let thread = Thread { [self] in
+            run()
+            finished.signal()
+        }
+        thread.name = "blkback-control"
+        self.thread = thread
+        thread.start()
+    }
+
+    /// True once the backend trees are watched (for /healthz).
+    public var isWatching: Bool { lock.withLock { watching } }
+
+    /// Asks the control-plane thread to stop and waits for it: rings are disconnected
+    /// (in-flight requests get a few seconds), watches removed, backing stores closed.
+    public func stop() {
+        let running = lock.withLock {
+            let wasRunning = !stopRequested && thread != nil
+            stopRequested = true
+            return wasRunning
+        }
+        guard running else { return }
+        wakeup.signal()
+        finished.wait()
+    }
+
+    /// Copies of every VBD's state, ordered by kind, domid, devid. Safe from any thread.
+    public func snapshots() -> [VBDSnapshot] { lock.withLock { published } }
+
+    // MARK: event loop
+
+    private func run() {
+        logger.info("control plane watching \(configuration.kinds.map { configuration.backendRoot(kind: $0) }.joined(separator: ", "))")
+        var descriptors = [pollfd(fd: context.store.watchDescriptor, events: Int16(POLLIN), revents: 0),
+                           pollfd(fd: wakeup.descriptor, events: Int16(POLLIN), revents: 0)]
+        while !lock.withLock({ stopRequested }) {
+            let timeout = draining.isEmpty && !devices.values.contains(where: \.disconnectPending) ? -1 : Self.drainRetryMilliseconds
+            let ready = poll(&descriptors, nfds_t(descriptors.count), timeout)
+            if ready < 0, Glibc.errno != EINTR {
+                logger.critical("poll failed: \(String(cString: strerror(Glibc.errno)))")
+                break
+            }
+            if descriptors[1].revents != 0 { wakeup.drain() }
+            handle(context.store.pendingWatchEvents())
+            retryDisconnects()
+            publish()
+        }
+        shutdown()
+    }
+
+    /// Where an event under backend/<kind> points.
+    private struct DeviceKey: Hashable {
+        let kind: String
+        let domid: String
+        let devid: String
+    }
+
+    private struct DomainKey: Hashable {
+        let kind: String
+        let domid: String
+    }
+
+    /// Handles one batch of watch events. A burst of events (XSA-349) is coalesced first:
+    /// each tree, domain directory and device is looked at once per batch, whatever the
+    /// number of events that named it.
+    private func handle(_ events: [XenStoreWatchEvent]) {
+        guard !events.isEmpty else { return }
+        var kinds = Set<String>()
+        var domains = Set<DomainKey>()
+        var deviceEvents: [DeviceKey: Bool] = [:]   // value: an event named the device directory itself
+        var frontendChanges = Set<String>()
+        var physicalDeviceChanges = Set<String>()
+        for event in events {
+            switch WatchToken(event.token) {
+            case .backendTree(let kind):
+                let root = configuration.backendRoot(kind: kind)
+                guard event.path.hasPrefix(root + "/") else { kinds.insert(kind); continue }
+                let components = event.path.dropFirst(root.count + 1).split(separator: "/", maxSplits: 2)
+                if components.count == 1 {
+                    domains.insert(DomainKey(kind: kind, domid: String(components[0])))
+                } else if components.count >= 2 {
+                    let key = DeviceKey(kind: kind, domid: String(components[0]), devid: String(components[1]))
+                    deviceEvents[key] = (deviceEvents[key] ?? false) || components.count == 2
+                }
+            case .frontendState(let backendPath):
+                frontendChanges.insert(backendPath)
+            case .physicalDevice(let backendPath):
+                physicalDeviceChanges.insert(backendPath)
+            case nil:
+                logger.debug("watch event with unknown token \(event.token) for \(event.path)")
+            }
+        }
+        for kind in kinds { scan(kind: kind) }
+        for domain in domains where !kinds.contains(domain.kind) { scan(domain) }
+        for (device, atDirectory) in deviceEvents
+        where !kinds.contains(device.kind) && !domains.contains(DomainKey(kind: device.kind, domid: device.domid)) {
+            check(device, atDirectory: atDirectory)
+        }
+        // The backing store first, so a frontend that is already waiting connects.
+        for path in physicalDeviceChanges { devices[path]?.physicalDeviceChanged() }
+        for path in frontendChanges {
+            guard let device = devices[path] else { continue }
+            if device.frontendStateChanged() == .unregister { forget(device, .unregistered) }
+        }
+    }
+
+    /// The whole backend/<kind> tree: at start and when the tree itself changed.
+    private func scan(kind: String) {
+        do {
+            let domids = Set(try context.store.directory(configuration.backendRoot(kind: kind)) ?? [])
+            for device in devices.values where device.kind == kind && !domids.contains(String(device.domid)) {
+                forget(device, .removed)
+            }
+            for domid in domids { scan(DomainKey(kind: kind, domid: domid)) }
+        } catch {
+            logger.warning("scanning \(configuration.backendRoot(kind: kind)) failed: \(error)")
+        }
+    }
+
+    /// backend/<kind>/<domid>: devices appearing and going for one frontend domain.
+    private func scan(_ domain: DomainKey) {
+        let path = "\(configuration.backendRoot(kind: domain.kind))/\(domain.domid)"
+        do {
+            let devids = Set(try context.store.directory(path) ?? [])
+            for device in devices.values
+            where device.kind == domain.kind && String(device.domid) == domain.domid && !devids.contains(String(device.devid)) {
+                forget(device, .removed)
+            }
+            for devid in devids { check(DeviceKey(kind: domain.kind, domid: domain.domid, devid: devid), atDirectory: false) }
+        } catch {
+            logger.warning("scanning \(path) failed: \(error)")
+        }
+    }
+
+    /// One device directory: probe it when it is new, forget it when it is gone.
+    private func check(_ key: DeviceKey, atDirectory: Bool) {
+        // Names xenbus would not bind (not numbers, reserved domids) are left alone.
+        guard let domid = UInt32(key.domid), domid < 0x7FF0, String(domid) == key.domid,
+              let devid = UInt32(key.devid), String(devid) == key.devid else {
+            logger.debug("ignoring backend/\(key.kind)/\(key.domid)/\(key.devid): not <domid>/<devid>")
+            return
+        }
+        let path = "\(configuration.backendRoot(kind: key.kind))/\(domid)/\(devid)"
+        do {
+            if let device = devices[path] {
+                if atDirectory, try context.store.directory(path) == nil { forget(device, .removed) }
+                return
+            }
+            // Like xenbus_probe_node: only a device the toolstack set up for a backend
+            // (Initialising), or one a previous instance of this daemon left in InitWait.
+            // A device we closed and unregistered stays Closed and is not probed again.
+            let state = XenbusState(node: try context.store.read(path + "/state"))
+            guard state == .initialising || state == .initWait else { return }
+            let device = VBD(kind: key.kind, domid: domid, devid: devid, context: context)
+            devices[path] = device
+            device.probe()
+        } catch {
+            logger.warning("checking \(path) failed: \(error)")
+        }
+    }
+
+    private func forget(_ device: VBD, _ reason: VBD.StopReason) {
+        devices[device.backendPath] = nil
+        if let busy = device.stop(reason) { draining.append(busy) }
+    }
+
+    private func retryDisconnects() {
+        for device in devices.values where device.disconnectPending { device.retryDisconnect() }
+        draining.removeAll { $0.disconnect() }
+    }
+
+    private func publish() {
+        let snapshots = devices.values.map(\.snapshot).sorted {
+            ($0.kind, $0.domid, $0.devid) < ($1.kind, $1.domid, $1.devid)
+        }
+        lock.withLock { published = snapshots }
+    }
+
+    /// Disconnects every device, giving in-flight requests a bounded time, then unwatches.
+    private func shutdown() {
+        for device in devices.values { forget(device, .shutdown) }
+        let deadline = Date().addingTimeInterval(Self.shutdownDrainSeconds)
+        while !draining.isEmpty, Date() < deadline {
+            usleep(UInt32(Self.drainRetryMilliseconds) * 1000)
+            draining.removeAll { $0.disconnect() }
+        }
+        if !draining.isEmpty { logger.warning("\(draining.count) rings still had requests in flight at shutdown") }
+        for kind in configuration.kinds {
+            try? context.store.unwatch(configuration.backendRoot(kind: kind), token: WatchToken.backendTree(kind: kind).text)
+        }
+        lock.withLock { watching = false; published = [] }
+        logger.info("control plane stopped")
+    }
+}

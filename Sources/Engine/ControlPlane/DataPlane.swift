@@ -1,0 +1,66 @@
+/// Block operations the data plane serves on a connected device; published at connect
+/// (feature-flush-cache, feature-barrier, feature-discard).
+public struct BlockFeatures: Equatable, Sendable {
+    public var flush: Bool
+    public var barrier: Bool
+    public var discard: Bool
+    /// discard-granularity / discard-alignment in bytes, discard-secure.
+    public var discardGranularity: UInt32
+    public var discardAlignment: UInt32
+    public var discardSecure: Bool
+
+    public init(flush: Bool = false, barrier: Bool = false, discard: Bool = false,
+                discardGranularity: UInt32 = 0, discardAlignment: UInt32 = 0, discardSecure: Bool = false) {
+        self.flush = flush
+        self.barrier = barrier
+        self.discard = discard
+        self.discardGranularity = discardGranularity
+        self.discardAlignment = discardAlignment
+        self.discardSecure = discardSecure
+    }
+
+    public static let none = BlockFeatures()
+}
+
+/// Everything the data plane needs to serve one VBD's rings.
+public struct DataPlaneRequest: Sendable {
+    public var kind: String
+    /// The frontend's domain (whose grants and event channels the rings use).
+    public var domid: UInt32
+    /// The virtual device number (the frontend directory's name; blkif `handle`).
+    public var devid: UInt32
+    public var backingStore: BackingStore
+    public var rings: RingDescription
+    public var maxIndirectSegments: Int
+    /// The backend's discard-enable (0 = the toolstack forbids discard).
+    public var discardEnabled: Bool
+
+    public init(kind: String, domid: UInt32, devid: UInt32, backingStore: BackingStore,
+                rings: RingDescription, maxIndirectSegments: Int, discardEnabled: Bool) {
+        self.kind = kind
+        self.domid = domid
+        self.devid = devid
+        self.backingStore = backingStore
+        self.rings = rings
+        self.maxIndirectSegments = maxIndirectSegments
+        self.discardEnabled = discardEnabled
+    }
+}
+
+/// The data plane seen from the control plane: maps a frontend's rings and serves them.
+/// Called only from the control-plane thread.
+public protocol DataPlane: AnyObject, Sendable {
+    /// Maps the rings' grants, binds their event channels and starts serving
+    /// (xen_blkif_map + the xenblkd threads). Throws with one line when any of it fails;
+    /// nothing stays mapped then.
+    func connect(_ request: DataPlaneRequest) throws -> any ConnectedRings
+}
+
+/// One VBD's rings while the data plane serves them.
+public protocol ConnectedRings: AnyObject, Sendable {
+    /// What the data plane serves on this backing store, to advertise at connect.
+    var features: BlockFeatures { get }
+    /// Stops taking requests and releases the rings once nothing is in flight
+    /// (xen_blkif_disconnect). false = requests still in flight; call again later.
+    func disconnect() -> Bool
+}

@@ -1,0 +1,166 @@
+import Foundation
+import Glibc
+
+/// The request/response layout the frontend declared (`protocol` key, xen/io/protocols.h).
+public enum BlkifProtocol: String, Sendable, Equatable, CustomStringConvertible {
+    case native
+    case x86_32 = "x86_32-abi"
+    case x86_64 = "x86_64-abi"
+
+    /// XEN_IO_PROTO_ABI_NATIVE of this build: a frontend naming it gets the native layout.
+    public static var nativeName: String {
+        #if arch(x86_64)
+        "x86_64-abi"
+        #elseif arch(i386)
+        "x86_32-abi"
+        #elseif arch(arm64) || arch(arm)
+        "arm-abi"
+        #else
+        "native"
+        #endif
+    }
+
+    /// connect_ring's reading: missing or empty → native; the native name first, then the
+    /// two x86 layouts; anything else nil.
+    public init?(node value: String?) {
+        let name = value?.trimmingCharacters(in: .whitespaces) ?? ""
+        if name.isEmpty || name == Self.nativeName { self = .native; return }
+        guard let known = BlkifProtocol(rawValue: name), known != .native else { return nil }
+        self = known
+    }
+
+    public var description: String { self == .native ? Self.nativeName : rawValue }
+}
+
+/// One queue's shared ring: the grant references of its pages and its event channel.
+public struct RingQueue: Equatable, Sendable {
+    public var ringRefs: [UInt32]
+    public var eventChannel: UInt32
+
+    public init(ringRefs: [UInt32], eventChannel: UInt32) {
+        self.ringRefs = ringRefs
+        self.eventChannel = eventChannel
+    }
+}
+
+/// A frontend's validated ring description (what connect_ring and read_per_ring_refs read).
+public struct RingDescription: Equatable, Sendable {
+    public var `protocol`: BlkifProtocol
+    /// Pages per ring = 1 << ringPageOrder; 0 also when the frontend used the one-page keys.
+    public var ringPageOrder: Int
+    public var queues: [RingQueue]
+    /// Negotiated: we offer it and the frontend asked for it.
+    public var persistentGrants: Bool
+
+    public init(`protocol`: BlkifProtocol, ringPageOrder: Int, queues: [RingQueue], persistentGrants: Bool) {
+        self.protocol = `protocol`
+        self.ringPageOrder = ringPageOrder
+        self.queues = queues
+        self.persistentGrants = persistentGrants
+    }
+}
+
+/// Why a frontend's ring description was refused: the errno and the one line
+/// xenbus_dev_fatal reports.
+public struct RingDescriptionError: Error, Equatable, Sendable, CustomStringConvertible {
+    public var errno: Int32
+    public var message: String
+    public var description: String { message }
+}
+
+extension RingDescription {
+    /// Reads and validates the description through `lookup`, which returns the value of a key
+    /// relative to the frontend directory ("ring-ref", "queue-1/event-channel") or nil when
+    /// it is missing. Reads only the keys the description calls for, so a hostile frontend
+    /// bounds our work to maxQueues × (2 + 2^maxRingPageOrder) reads.
+    public static func read(configuration: BackendConfiguration,
+                            lookup: (String) throws -> String?) throws -> RingDescription {
+        let protocolValue = try lookup("protocol")
+        guard let blkifProtocol = BlkifProtocol(node: protocolValue) else {
+            throw RingDescriptionError(errno: ENOSYS, message: "unknown fe protocol \(sanitized(protocolValue ?? ""))")
+        }
+
+        // xenbus_read_unsigned with default 0: a frontend that offers nothing gets nothing.
+        let frontendPersistent = try unsigned(lookup, "feature-persistent", default: 0) != 0
+        let persistentGrants = configuration.persistentGrants && frontendPersistent
+
+        let queueCount = try unsigned(lookup, "multi-queue-num-queues", default: 1)
+        guard queueCount >= 1, queueCount <= UInt64(configuration.maxQueues) else {
+            throw RingDescriptionError(errno: ENOSYS, message:
+                "guest requested \(queueCount) queues, exceeding the maximum of \(configuration.maxQueues).")
+        }
+
+        // ring-page-order lives at the top level and applies to every queue; when present
+        // (even 0) the refs are ring-ref0..N, otherwise the single ring-ref.
+        let ringPageOrder: Int
+        let multiPage: Bool
+        if let orderValue = try lookup("ring-page-order") {
+            guard let order = parseUnsigned(orderValue) else {
+                throw RingDescriptionError(errno: EINVAL, message: "reading ring-page-order: '\(sanitized(orderValue))' is not a number")
+            }
+            guard order <= UInt64(configuration.maxRingPageOrder) else {
+                throw RingDescriptionError(errno: EINVAL, message:
+                    "requested ring page order \(order) exceed max:\(configuration.maxRingPageOrder)")
+            }
+            ringPageOrder = Int(order)
+            multiPage = true
+        } else {
+            ringPageOrder = 0
+            multiPage = false
+        }
+
+        // One queue: keys at the top level (even when multi-queue-num-queues=1 was written).
+        let directories = queueCount == 1 ? [""] : (0..<Int(queueCount)).map { "queue-\($0)/" }
+        let queues = try directories.map { directory in
+            try readQueue(lookup, directory: directory, pages: 1 << ringPageOrder, multiPage: multiPage)
+        }
+        return RingDescription(protocol: blkifProtocol, ringPageOrder: ringPageOrder,
+                               queues: queues, persistentGrants: persistentGrants)
+    }
+
+    /// The same over the frontend's keys already gathered into a dictionary.
+    public static func read(configuration: BackendConfiguration, keys: [String: String]) throws -> RingDescription {
+        try read(configuration: configuration) { keys[$0] }
+    }
+
+    private static func readQueue(_ lookup: (String) throws -> String?, directory: String,
+                                  pages: Int, multiPage: Bool) throws -> RingQueue {
+        let eventChannel = try required32(lookup, directory + "event-channel")
+        let names = multiPage ? (0..<pages).map { "\(directory)ring-ref\($0)" } : ["\(directory)ring-ref"]
+        let refs = try names.map { try required32(lookup, $0) }
+        return RingQueue(ringRefs: refs, eventChannel: eventChannel)
+    }
+
+    private static func required32(_ lookup: (String) throws -> String?, _ key: String) throws -> UInt32 {
+        guard let value = try lookup(key) else {
+            throw RingDescriptionError(errno: EINVAL, message: "reading \(key): missing")
+        }
+        guard let number = parseUnsigned(value), let narrow = UInt32(exactly: number) else {
+            throw RingDescriptionError(errno: EINVAL, message: "reading \(key): '\(sanitized(value))' is not a 32-bit unsigned number")
+        }
+        return narrow
+    }
+
+    private static func unsigned(_ lookup: (String) throws -> String?, _ key: String, default fallback: UInt64) throws -> UInt64 {
+        guard let value = try lookup(key) else { return fallback }
+        guard let number = parseUnsigned(value) else {
+            throw RingDescriptionError(errno: EINVAL, message: "reading \(key): '\(sanitized(value))' is not a number")
+        }
+        return number
+    }
+
+    /// Decimal digits only (surrounding blanks allowed): stricter than sscanf("%u"), which
+    /// would take "-1" or "12abc".
+    static func parseUnsigned(_ text: String) -> UInt64? {
+        let trimmed = text.trimmingCharacters(in: .whitespaces)
+        guard !trimmed.isEmpty, trimmed.utf8.count <= 20, trimmed.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) else { return nil }
+        return UInt64(trimmed)
+    }
+
+    /// Guest text for a log or error node: printable ASCII, bounded.
+    static func sanitized(_ text: String) -> String {
+        String(String.UnicodeScalarView(text.unicodeScalars.prefix(64).map {
+            $0.isASCII && $0.value >= 0x20 && $0.value < 0x7f ? $0 : "?"
+        }))
+    }
+}

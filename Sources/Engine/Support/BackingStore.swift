@@ -1,0 +1,217 @@
+import Foundation
+import Glibc
+
+/// A block device number as physical-device spells it: hex "major:minor" (e.g. "fe:10").
+public struct DeviceNumber: Hashable, Sendable, CustomStringConvertible {
+    public var major: UInt32
+    public var minor: UInt32
+
+    public init(major: UInt32, minor: UInt32) {
+        self.major = major
+        self.minor = minor
+    }
+
+    /// Parses the hotplug script's "%x:%x"; nil for anything else.
+    public init?(physicalDevice value: String) {
+        let parts = value.trimmingCharacters(in: .whitespacesAndNewlines).split(separator: ":", omittingEmptySubsequences: false)
+        guard parts.count == 2, let major = Self.hex(parts[0]), let minor = Self.hex(parts[1]) else { return nil }
+        self.init(major: major, minor: minor)
+    }
+
+    private static func hex(_ text: Substring) -> UInt32? {
+        let digits = text.hasPrefix("0x") || text.hasPrefix("0X") ? text.dropFirst(2) : text
+        guard !digits.isEmpty, digits.count <= 8 else { return nil }
+        return UInt32(digits, radix: 16)
+    }
+
+    /// glibc's dev_t encoding (gnu_dev_makedev / major / minor).
+    init(_ raw: dev_t) {
+        let value = UInt64(raw)
+        major = UInt32(truncatingIfNeeded: ((value >> 8) & 0xfff) | ((value >> 32) & ~UInt64(0xfff)))
+        minor = UInt32(truncatingIfNeeded: (value & 0xff) | ((value >> 12) & ~UInt64(0xff)))
+    }
+
+    var raw: dev_t {
+        let major = UInt64(self.major), minor = UInt64(self.minor)
+        return dev_t(((major & 0xfff) << 8) | ((major & ~0xfff) << 32) | (minor & 0xff) | ((minor & ~0xff) << 12))
+    }
+
+    /// The physical-device spelling.
+    public var description: String { String(major, radix: 16) + ":" + String(minor, radix: 16) }
+}
+
+/// Where a VBD's data lives, as the toolstack named it.
+public enum BackingSource: Hashable, Sendable, CustomStringConvertible {
+    /// physical-device, with physical-device-path as a hint for finding the node.
+    case device(DeviceNumber, pathHint: String?)
+    /// A path from params (regular file or block device).
+    case path(String)
+
+    /// Reads a `params` value: strips the qdisk/libxl prefixes aio:, raw:, file:, phy: and
+    /// expands a bare device name to /dev/NAME like the block hotplug script. Other formats
+    /// (vhd:, qcow2:, ...) are not raw images and are refused.
+    public static func params(_ value: String) throws(BackingStoreError) -> BackingSource {
+        var rest = Substring(value.trimmingCharacters(in: .whitespacesAndNewlines))
+        let rawPrefixes = ["aio:", "raw:", "file:", "phy:"]
+        while let prefix = rawPrefixes.first(where: { rest.hasPrefix($0) }) { rest = rest.dropFirst(prefix.count) }
+        if rest.isEmpty { throw BackingStoreError(errno: EINVAL, message: "params '\(value)' names no file or device") }
+        if rest.hasPrefix("/") { return .path(String(rest)) }
+        if let colon = rest.firstIndex(of: ":") {
+            throw BackingStoreError(errno: EINVAL, message: "params '\(value)': format '\(rest[..<colon])' is not a raw image")
+        }
+        if rest.contains("/") {
+            throw BackingStoreError(errno: EINVAL, message: "params '\(value)' is not an absolute path")
+        }
+        return .path("/dev/" + rest)
+    }
+
+    public var description: String {
+        switch self {
+        case .device(let number, _): "physical-device \(number)"
+        case .path(let path): path
+        }
+    }
+}
+
+/// Why a backing store could not be opened: errno plus one line.
+public struct BackingStoreError: Error, Equatable, Sendable, CustomStringConvertible {
+    public var errno: Int32
+    public var message: String
+
+    public init(errno: Int32, message: String) {
+        self.errno = errno
+        self.message = message
+    }
+
+    public var description: String { message }
+}
+
+/// An open regular file or block device backing a VBD. The descriptor stays open until the
+/// last reference goes away, so the data plane can finish in-flight I/O after the control
+/// plane has forgotten the device.
+public final class BackingStore: Sendable {
+    public let path: String
+    public let descriptor: Int32
+    public let readOnly: Bool
+    public let isBlockDevice: Bool
+    /// The block device's number (nil for a regular file).
+    public let deviceNumber: DeviceNumber?
+    /// Size in 512-byte sectors, the unit of every blkif sector number.
+    public let sectors: UInt64
+    public let logicalSectorSize: UInt32
+    public let physicalSectorSize: UInt32
+
+    private init(path: String, descriptor: Int32, readOnly: Bool, isBlockDevice: Bool, deviceNumber: DeviceNumber?,
+                 sectors: UInt64, logicalSectorSize: UInt32, physicalSectorSize: UInt32) {
+        self.path = path
+        self.descriptor = descriptor
+        self.readOnly = readOnly
+        self.isBlockDevice = isBlockDevice
+        self.deviceNumber = deviceNumber
+        self.sectors = sectors
+        self.logicalSectorSize = logicalSectorSize
+        self.physicalSectorSize = physicalSectorSize
+    }
+
+    deinit { Glibc.close(descriptor) }
+
+    /// Opens the source read-only or read-write (mode "r" / "w"). physical-device must name a
+    /// block device; a params path may be a regular file or a block device.
+    public static func open(_ source: BackingSource, readOnly: Bool) throws(BackingStoreError) -> BackingStore {
+        switch source {
+        case .path(let path):
+            return try open(path: path, readOnly: readOnly, expecting: nil)
+        case .device(let number, let hint):
+            return try openDevice(number, pathHint: hint, readOnly: readOnly)
+        }
+    }
+
+    private static func openDevice(_ number: DeviceNumber, pathHint: String?, readOnly: Bool) throws(BackingStoreError) -> BackingStore {
+        for candidate in [sysfsDeviceNode(number), pathHint].compactMap({ $0 }) {
+            var info = stat()
+            if stat(candidate, &info) == 0, info.st_mode & S_IFMT == S_IFBLK, DeviceNumber(info.st_rdev) == number {
+                return try open(path: candidate, readOnly: readOnly, expecting: number)
+            }
+        }
+        return try openPrivateNode(number, readOnly: readOnly)
+    }
+
+    /// /sys/dev/block/M:m/uevent names the node udev creates (DEVNAME=vdb → /dev/vdb).
+    private static func sysfsDeviceNode(_ number: DeviceNumber) -> String? {
+        guard let uevent = try? String(contentsOfFile: "/sys/dev/block/\(number.major):\(number.minor)/uevent", encoding: .utf8)
+        else { return nil }
+        for line in uevent.split(separator: "\n") where line.hasPrefix("DEVNAME=") {
+            let name = line.dropFirst("DEVNAME=".count)
+            if !name.isEmpty, !name.contains("..") { return "/dev/" + name }
+        }
+        return nil
+    }
+
+    /// No node in /dev (a container without udev): make one in a private directory, open it,
+    /// and remove it again.
+    private static func openPrivateNode(_ number: DeviceNumber, readOnly: Bool) throws(BackingStoreError) -> BackingStore {
+        var template = Array((NSTemporaryDirectory() + "/blkback-node-XXXXXX").utf8CString)
+        guard let directory = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }).map({ String(cString: $0) }) else {
+            throw BackingStoreError(errno: Glibc.errno, message: "no device node for block device \(number): cannot create a directory for one: \(String(cString: strerror(Glibc.errno)))")
+        }
+        defer { rmdir(directory) }
+        let node = directory + "/device"
+        guard mknod(node, S_IFBLK | 0o600, number.raw) == 0 else {
+            let error = Glibc.errno
+            throw BackingStoreError(errno: error, message: "no device node for block device \(number) in /sys/dev/block or physical-device-path, and mknod failed: \(String(cString: strerror(error)))")
+        }
+        defer { unlink(node) }
+        return try open(path: node, readOnly: readOnly, expecting: number, name: "block device \(number)")
+    }
+
+    /// `name` replaces `path` in the result and messages when the node is only temporary.
+    private static func open(path nodePath: String, readOnly: Bool, expecting number: DeviceNumber?,
+                             name: String? = nil) throws(BackingStoreError) -> BackingStore {
+        let path = name ?? nodePath
+        func failure(_ what: String, _ error: Int32 = Glibc.errno) -> BackingStoreError {
+            BackingStoreError(errno: error, message: "\(what) \(path): \(String(cString: strerror(error)))")
+        }
+        // O_NONBLOCK so that a FIFO swapped in cannot hang the control plane; cleared below.
+        let descriptor = Glibc.open(nodePath, (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NOCTTY | O_NONBLOCK)
+        guard descriptor >= 0 else { throw failure(readOnly ? "cannot open (read-only)" : "cannot open (read-write)") }
+        var keep = false
+        defer { if !keep { Glibc.close(descriptor) } }
+
+        var info = stat()
+        guard fstat(descriptor, &info) == 0 else { throw failure("cannot stat") }
+        let flags = fcntl(descriptor, F_GETFL)
+        guard flags >= 0, fcntl(descriptor, F_SETFL, flags & ~O_NONBLOCK) == 0 else { throw failure("cannot set blocking mode on") }
+
+        let store: BackingStore
+        switch info.st_mode & S_IFMT {
+        case S_IFREG where number == nil:
+            store = BackingStore(path: path, descriptor: descriptor, readOnly: readOnly, isBlockDevice: false,
+                                 deviceNumber: nil, sectors: UInt64(info.st_size) / 512,
+                                 logicalSectorSize: 512, physicalSectorSize: 512)
+        case S_IFBLK:
+            let device = DeviceNumber(info.st_rdev)
+            if let number, number != device {
+                throw BackingStoreError(errno: ENODEV, message: "\(path) is block device \(device), not \(number)")
+            }
+            // BLKGETSIZE64, BLKSSZGET, BLKPBSZGET from <linux/fs.h>.
+            var bytes: UInt64 = 0
+            var logical: Int32 = 0
+            var physical: UInt32 = 0
+            guard ioctl(descriptor, 0x8008_1272, &bytes) == 0 else { throw failure("BLKGETSIZE64 failed on") }
+            guard ioctl(descriptor, 0x1268, &logical) == 0 else { throw failure("BLKSSZGET failed on") }
+            guard ioctl(descriptor, 0x127b, &physical) == 0 else { throw failure("BLKPBSZGET failed on") }
+            guard logical >= 512, logical.nonzeroBitCount == 1 else {
+                throw BackingStoreError(errno: EINVAL, message: "\(path) reports logical sector size \(logical)")
+            }
+            store = BackingStore(path: path, descriptor: descriptor, readOnly: readOnly, isBlockDevice: true,
+                                 deviceNumber: device, sectors: bytes / 512, logicalSectorSize: UInt32(logical),
+                                 physicalSectorSize: max(physical, UInt32(logical)))
+        default:
+            throw BackingStoreError(errno: number == nil ? EINVAL : ENOTBLK,
+                                    message: number == nil ? "\(path) is neither a regular file nor a block device"
+                                                           : "\(path) is not a block device")
+        }
+        keep = true
+        return store
+    }
+}

@@ -1,0 +1,101 @@
+import Foundation
+import Glibc
+import Testing
+@testable import Engine
+
+@Suite struct BackingStoreTests {
+    /// A temporary file of `bytes` bytes, removed by the caller.
+    func temporaryFile(bytes: Int) throws -> String {
+        let path = NSTemporaryDirectory() + "/blkback-test-\(UUID().uuidString).img"
+        #expect(FileManager.default.createFile(atPath: path, contents: Data(count: bytes)))
+        return path
+    }
+
+    @Test func regularFileSizeInSectors() throws {
+        let path = try temporaryFile(bytes: 1024 * 1024 + 100)
+        defer { unlink(path) }
+        let store = try BackingStore.open(.path(path), readOnly: false)
+        #expect(store.sectors == 2048)
+        #expect(store.logicalSectorSize == 512)
+        #expect(store.physicalSectorSize == 512)
+        #expect(!store.isBlockDevice)
+        #expect(!store.readOnly)
+        #expect(store.deviceNumber == nil)
+        #expect(store.path == path)
+        var byte: UInt8 = 0x5a
+        #expect(pwrite(store.descriptor, &byte, 1, 0) == 1)
+    }
+
+    @Test func readOnlyOpenRefusesWrites() throws {
+        let path = try temporaryFile(bytes: 4096)
+        defer { unlink(path) }
+        let store = try BackingStore.open(.path(path), readOnly: true)
+        #expect(store.readOnly)
+        var byte: UInt8 = 1
+        #expect(pwrite(store.descriptor, &byte, 1, 0) == -1)
+        #expect(errno == EBADF)
+    }
+
+    @Test func missingFileIsAnError() {
+        #expect(throws: BackingStoreError.self) { try BackingStore.open(.path("/nonexistent/blkback.img"), readOnly: true) }
+        do {
+            _ = try BackingStore.open(.path("/nonexistent/blkback.img"), readOnly: true)
+        } catch {
+            #expect(error.errno == ENOENT)
+            #expect(error.message.contains("/nonexistent/blkback.img"))
+        }
+    }
+
+    @Test func directoryIsRefused() {
+        do {
+            _ = try BackingStore.open(.path(NSTemporaryDirectory()), readOnly: true)
+            Issue.record("a directory was accepted")
+        } catch {
+            #expect(error.errno == EISDIR || error.errno == EINVAL)
+        }
+    }
+
+    @Test func physicalDeviceMustBeABlockDevice() throws {
+        let path = try temporaryFile(bytes: 4096)
+        defer { unlink(path) }
+        // Neither a regular file nor a character device with the same number is taken as
+        // the node of block device fff:1 (which no driver provides).
+        for hint in [path, "/dev/null"] {
+            #expect(throws: BackingStoreError.self) {
+                try BackingStore.open(.device(DeviceNumber(major: 0xfff, minor: 1), pathHint: hint), readOnly: true)
+            }
+        }
+    }
+
+    @Test(arguments: [
+        ("/srv/disk.img", "/srv/disk.img"), ("aio:/srv/disk.img", "/srv/disk.img"), ("raw:/dev/vdb", "/dev/vdb"),
+        ("file:/srv/a:b.img", "/srv/a:b.img"), ("phy:/dev/vg/lv", "/dev/vg/lv"), ("aio:raw:/x", "/x"),
+        ("vdb", "/dev/vdb"), ("  /padded.img\n", "/padded.img"),
+    ])
+    func paramsPrefixesAreStripped(params: String, path: String) throws {
+        #expect(try BackingSource.params(params) == .path(path))
+    }
+
+    @Test(arguments: ["", "aio:", "vhd:/srv/disk.vhd", "qcow2:/x.qcow2", "relative/disk.img"])
+    func unusableParamsAreRefused(params: String) {
+        #expect(throws: BackingStoreError.self) { try BackingSource.params(params) }
+    }
+
+    @Test func physicalDeviceParsing() {
+        #expect(DeviceNumber(physicalDevice: "fe:10") == DeviceNumber(major: 0xfe, minor: 0x10))
+        #expect(DeviceNumber(physicalDevice: "8:0\n") == DeviceNumber(major: 8, minor: 0))
+        #expect(DeviceNumber(physicalDevice: "103:100000") == DeviceNumber(major: 0x103, minor: 0x100000))
+        for bad in ["", "fe", "fe:", ":10", "fe:10:1", "zz:1", "1:-1", "123456789:0", "fe 10"] {
+            #expect(DeviceNumber(physicalDevice: bad) == nil, "\(bad)")
+        }
+        #expect(DeviceNumber(major: 0xfe, minor: 0x10).description == "fe:10")
+    }
+
+    @Test func deviceNumberEncodingMatchesTheKernel() throws {
+        var info = stat()
+        #expect(stat("/dev/null", &info) == 0)
+        #expect(DeviceNumber(info.st_rdev) == DeviceNumber(major: 1, minor: 3))
+        let large = DeviceNumber(major: 0x1234, minor: 0x54321)
+        #expect(DeviceNumber(large.raw) == large)
+    }
+}
