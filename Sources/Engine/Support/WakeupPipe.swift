@@ -33,16 +33,3 @@ final class WakeupPipe: @unchecked Sendable {
         while read(descriptor, &buffer, buffer.count) > 0 {}
     }
 }
-
-/// A failed system call: which one and errno.
-public struct SystemCallError: Error, Sendable, CustomStringConvertible {
-    public let operation: String
-    public let errno: Int32
-
-    init(operation: String, errno: Int32 = Glibc.errno) {
-        self.operation = operation
-        self.errno = errno
-    }
-
-    public var description: String { "\(operation): \(String(cString: strerror(errno)))" }
-}

@@ -1,19 +1,6 @@
 import CURing
 import Glibc
 
-/// A failed system call, with its errno and what was being done.
-public struct SystemCallError: Error, CustomStringConvertible, Sendable {
-    public let operation: String
-    public let errno: Int32
-
-    public init(_ operation: String, errno: Int32) {
-        self.operation = operation
-        self.errno = errno
-    }
-
-    public var description: String { "\(operation): \(String(cString: strerror(errno)))" }
-}
-
 /// One io_uring instance (liburing) for one worker thread. Submissions carry a 64-bit tag
 /// that comes back with the completion; completions also signal an eventfd, so the worker
 /// can poll the ring together with its event channel.
@@ -32,18 +19,18 @@ public final class IOURing {
     public init(entries: UInt32) throws {
         self.entries = entries
         let status = io_uring_queue_init(entries, &ring, 0)
-        if status < 0 { throw SystemCallError("io_uring_queue_init(\(entries))", errno: -status) }
+        if status < 0 { throw SystemCallError(operation: "io_uring_queue_init(\(entries))", errno: -status) }
         let descriptor = eventfd(0, Int32(EFD_NONBLOCK | EFD_CLOEXEC))
         if descriptor < 0 {
             let error = errno
             io_uring_queue_exit(&ring)
-            throw SystemCallError("eventfd", errno: error)
+            throw SystemCallError(operation: "eventfd", errno: error)
         }
         let registered = io_uring_register_eventfd(&ring, descriptor)
         if registered < 0 {
             close(descriptor)
             io_uring_queue_exit(&ring)
-            throw SystemCallError("io_uring_register_eventfd", errno: -registered)
+            throw SystemCallError(operation: "io_uring_register_eventfd", errno: -registered)
         }
         completionDescriptor = descriptor
     }
@@ -57,7 +44,7 @@ public final class IOURing {
     private func nextEntry() throws -> UnsafeMutablePointer<io_uring_sqe> {
         if let entry = io_uring_get_sqe(&ring) { return entry }
         try submit()
-        guard let entry = io_uring_get_sqe(&ring) else { throw SystemCallError("io_uring_get_sqe", errno: EBUSY) }
+        guard let entry = io_uring_get_sqe(&ring) else { throw SystemCallError(operation: "io_uring_get_sqe", errno: EBUSY) }
         return entry
     }
 
@@ -96,7 +83,7 @@ public final class IOURing {
             let submitted = io_uring_submit(&ring)
             if submitted >= 0 { return Int(submitted) }
             if submitted == -EINTR { continue }
-            throw SystemCallError("io_uring_submit", errno: -submitted)
+            throw SystemCallError(operation: "io_uring_submit", errno: -submitted)
         }
     }
 
