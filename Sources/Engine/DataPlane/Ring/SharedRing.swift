@@ -147,10 +147,15 @@ public struct FrontRing: Sendable {
     /// XEN_FRONT_RING_INIT: initializes the shared header and attaches at 0.
     public init(initializing shared: SharedRing) {
         shared.initialize()
+        self.init(attaching: shared)
+    }
+
+    /// FRONT_RING_ATTACH at `start`, leaving the shared header as it is.
+    public init(attaching shared: SharedRing, at start: RingIndex = 0) {
         self.shared = shared
-        requestProducerPrivate = 0
-        responseConsumer = 0
-        responseProducerSeen = 0
+        requestProducerPrivate = start
+        responseConsumer = start
+        responseProducerSeen = start
     }
 
     /// RING_FREE_REQUESTS.
