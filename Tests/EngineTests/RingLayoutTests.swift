@@ -133,7 +133,7 @@ import Testing
         #expect(BlkifProtocol(xenstoreValue: "x86_32-abi") == .x86_32)
         #expect(BlkifProtocol(xenstoreValue: "x86_64-abi") == .x86_64)
         #expect(BlkifProtocol(xenstoreValue: "arm-abi") == nil)
-        #expect(BlkifProtocol(xenstoreValue: "") == nil)
+        #expect(BlkifProtocol(xenstoreValue: "") == .native)
         #expect(BlkifProtocol(xenstoreValue: "x86_64-abi ") == nil)
         #expect(BlkifProtocol.native.xenstoreValue == "x86_64-abi")
         #expect(BlkifProtocol.x86_32.xenstoreValue == "x86_32-abi")

@@ -1,37 +1,6 @@
 import Foundation
 import Glibc
 
-/// The request/response layout the frontend declared (`protocol` key, xen/io/protocols.h).
-public enum BlkifProtocol: String, Sendable, Equatable, CustomStringConvertible {
-    case native
-    case x86_32 = "x86_32-abi"
-    case x86_64 = "x86_64-abi"
-
-    /// XEN_IO_PROTO_ABI_NATIVE of this build: a frontend naming it gets the native layout.
-    public static var nativeName: String {
-        #if arch(x86_64)
-        "x86_64-abi"
-        #elseif arch(i386)
-        "x86_32-abi"
-        #elseif arch(arm64) || arch(arm)
-        "arm-abi"
-        #else
-        "native"
-        #endif
-    }
-
-    /// connect_ring's reading: missing or empty → native; the native name first, then the
-    /// two x86 layouts; anything else nil.
-    public init?(node value: String?) {
-        let name = value?.trimmingCharacters(in: .whitespaces) ?? ""
-        if name.isEmpty || name == Self.nativeName { self = .native; return }
-        guard let known = BlkifProtocol(rawValue: name), known != .native else { return nil }
-        self = known
-    }
-
-    public var description: String { self == .native ? Self.nativeName : rawValue }
-}
-
 /// One queue's shared ring: the grant references of its pages and its event channel.
 public struct RingQueue: Equatable, Sendable {
     public var ringRefs: [UInt32]
@@ -76,7 +45,7 @@ extension RingDescription {
     public static func read(configuration: BackendConfiguration,
                             lookup: (String) throws -> String?) throws -> RingDescription {
         let protocolValue = try lookup("protocol")
-        guard let blkifProtocol = BlkifProtocol(node: protocolValue) else {
+        guard let blkifProtocol = BlkifProtocol(xenstoreValue: protocolValue) else {
             throw RingDescriptionError(errno: ENOSYS, message: "unknown fe protocol \(sanitized(protocolValue ?? ""))")
         }
 

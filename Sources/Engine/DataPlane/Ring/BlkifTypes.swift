@@ -25,7 +25,7 @@ public enum Blkif {
 }
 
 /// The ABI a frontend speaks, from its xenstore `protocol` node.
-public enum BlkifProtocol: Sendable, Hashable {
+public enum BlkifProtocol: Sendable, Hashable, CustomStringConvertible {
     /// The host's own layout; what a frontend without a `protocol` node speaks.
     case native
     /// "x86_32-abi": packed 4-byte-aligned 64-bit fields.
@@ -37,7 +37,7 @@ public enum BlkifProtocol: Sendable, Hashable {
     /// ABI, which is fatal for that device.
     public init?(xenstoreValue value: String?) {
         switch value {
-        case nil: self = .native
+        case nil, "": self = .native  // connect_ring: an unreadable value means the default
         case "x86_32-abi": self = .x86_32
         case "x86_64-abi": self = .x86_64
         default: return nil
@@ -52,6 +52,8 @@ public enum BlkifProtocol: Sendable, Hashable {
         case .native: BlkifProtocol.hostABI.xenstoreValue
         }
     }
+
+    public var description: String { xenstoreValue }
 
     /// XEN_IO_PROTO_ABI_NATIVE: 64-bit hosts share the x86_64 layout.
     static var hostABI: BlkifProtocol {
