@@ -136,9 +136,11 @@ public struct Toolstack {
             try create(frontend, keys: frontendKeys, permissions: frontendPerms, tx)
         }
 
-        let reached = try waitForBackendState(backend, timeout: Self.initTimeout) { $0 == .initWait || $0 == .connected }
-        guard reached else {
-            let reason = try store.read("\(Self.domainPath(backendDomid))/error\(backend.dropFirst(Self.domainPath(backendDomid).count))/error")
+        // libxl waits for InitWait only; a backend that gave up (Closing or Closed) will not get
+        // there, so stop waiting early and say why (the error node xenbus_dev_fatal wrote).
+        let reached = try waitForBackendState(backend, timeout: Self.initTimeout) { $0 != .initialising }
+        guard let reached, reached == .initWait || reached == .connected else {
+            let reason = try store.read(errorPath(ofBackend: backend))
             throw Failure("unable to add device with path \(backend)" + (reason.map { ": \($0)" } ?? ""))
         }
         if isBlockDevice {
@@ -175,7 +177,7 @@ public struct Toolstack {
         }
         for backend in pending {
             let closed = try waitForBackendState(backend, timeout: Self.destroyTimeout) { $0 == .closed }
-            if !closed { log("warning: backend \(backend) did not close within \(Int(Self.destroyTimeout)) s; removing it anyway") }
+            if closed == nil { log("warning: backend \(backend) did not close within \(Int(Self.destroyTimeout)) s; removing it anyway") }
             let frontend = try store.read("\(backend)/frontend")
             try store.transaction { tx in
                 try store.remove(backend, transaction: tx)
@@ -192,20 +194,26 @@ public struct Toolstack {
         for (key, value) in keys { try store.write("\(path)/\(key)", value, transaction: tx) }
     }
 
-    /// Waits on a watch of the backend's state node; true once `accept` holds. A vanished
-    /// backend directory counts as closed.
+    /// Where xenbus_dev_fatal reports a backend's failure: error/backend/<kind>/<domid>/<devid>/error.
+    func errorPath(ofBackend backend: String) -> String {
+        let home = Self.domainPath(backendDomid)
+        return "\(home)/error\(backend.dropFirst(home.count))/error"
+    }
+
+    /// Waits on a watch of the backend's state node for a state `accept` takes, and returns it;
+    /// nil on timeout. A vanished backend directory counts as Closed.
     private func waitForBackendState(_ backend: String, timeout: TimeInterval,
-                                     _ accept: (XenbusState) -> Bool) throws -> Bool {
+                                     _ accept: (XenbusState) -> Bool) throws -> XenbusState? {
         let token = "toolstack-state"
         try store.watch("\(backend)/state", token: token)
         defer { try? store.unwatch("\(backend)/state", token: token) }
         let deadline = Date().addingTimeInterval(timeout)
         while true {
             let value = try store.read("\(backend)/state")
-            guard let value else { return accept(.closed) }
-            if let state = XenbusState(node: value), accept(state) { return true }
+            guard let value else { return accept(.closed) ? .closed : nil }
+            if let state = XenbusState(node: value), accept(state) { return state }
             let remaining = deadline.timeIntervalSinceNow
-            if remaining <= 0 { return false }
+            if remaining <= 0 { return nil }
             _ = store.waitForWatchEvents(timeoutMilliseconds: Int32(min(remaining, 1) * 1000) + 1)
         }
     }
