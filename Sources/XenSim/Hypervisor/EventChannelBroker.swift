@@ -223,11 +223,14 @@ public final class EventChannelBroker: @unchecked Sendable {
     private func push(_ message: SimEventChannelMessage, fds: [Int32], to fd: Int32) {
         guard !doomed.contains(fd) else { return }
         let error = SimEventChannelWire.send(message, fds: fds, on: fd)
-        if error != 0 {
-            logger.info("dropping event channel client that does not read its socket",
-                        metadata: ["domid": "\(connections[fd] ?? 0)", "error": "\(error)"])
-            doomed.append(fd)
+        guard error != 0 else { return }
+        let metadata: Logger.Metadata = ["domid": "\(connections[fd] ?? 0)"]
+        if error == EAGAIN {
+            logger.info("dropping event channel client that does not read its socket", metadata: metadata)
+        } else {
+            logger.debug("event channel client went away", metadata: metadata)
         }
+        doomed.append(fd)
     }
 
     private func drop(_ fd: Int32) {

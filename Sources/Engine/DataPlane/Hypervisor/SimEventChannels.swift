@@ -39,6 +39,9 @@ public final class SimEventChannels: EventChannels, @unchecked Sendable {
             close(fd)
             throw HypervisorError.simulatorUnavailable(path: path, errno: error)
         }
+        // A hung broker must not hang the daemon forever on a reply.
+        var timeout = timeval(tv_sec: 10, tv_usec: 0)
+        _ = setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
         self.domain = domain
         socket = fd
         epoll = ep
@@ -150,8 +153,8 @@ public final class SimEventChannels: EventChannels, @unchecked Sendable {
             guard sent == 0 else { throw HypervisorError.eventChannel(operation: what, port: message.port, errno: sent) }
             while true {
                 switch SimEventChannelWire.receive(on: socket, blocking: true) {
-                case .empty:
-                    continue
+                case .empty:  // SO_RCVTIMEO expired: the broker hangs
+                    throw HypervisorError.eventChannel(operation: what + " (broker not answering)", port: message.port, errno: ETIMEDOUT)
                 case .closed:
                     brokerAlive = false
                     throw HypervisorError.eventChannel(operation: what + " (broker gone)", port: message.port, errno: ECONNRESET)
