@@ -26,6 +26,8 @@ let package = Package(
         cLibrary("CXenStore", pkgConfig: "xenstore", apt: ["libxen-dev"]),
         cLibrary("CXenGnttab", pkgConfig: "xengnttab", apt: ["libxen-dev"]),
         cLibrary("CXenEvtchn", pkgConfig: "xenevtchn", apt: ["libxen-dev"]),
+        // Header-only: atomics on guest-shared memory and SCM_RIGHTS helpers for the simulator.
+        .systemLibrary(name: "CHypervisorShim", path: "Sources/CHypervisorShim"),
         .systemLibrary(name: "CXenBlkif", path: "Sources/CXenBlkif", providers: [.apt(["libxen-dev"])]),
         cLibrary("CMicroHTTPD", pkgConfig: "libmicrohttpd", apt: ["libmicrohttpd-dev"]),
         cLibrary("CJansson", pkgConfig: "jansson", apt: ["libjansson-dev"]),
@@ -33,7 +35,7 @@ let package = Package(
         .target(
             name: "Engine",
             dependencies: [
-                "CXenStore", "CXenGnttab", "CXenEvtchn", "CXenBlkif", "CURing",
+                "CXenStore", "CXenGnttab", "CXenEvtchn", "CXenBlkif", "CURing", "CHypervisorShim",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
@@ -48,7 +50,7 @@ let package = Package(
         .target(
             name: "XenSim",
             dependencies: [
-                "Engine",
+                "Engine", "CHypervisorShim", "CXenBlkif",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
@@ -69,8 +71,8 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        .testTarget(name: "EngineTests", dependencies: ["Engine"]),
-        .testTarget(name: "XenSimTests", dependencies: ["XenSim", "Engine"]),
+        .testTarget(name: "EngineTests", dependencies: ["Engine", "CXenBlkif"]),
+        .testTarget(name: "XenSimTests", dependencies: ["XenSim", "Engine", "CXenBlkif"]),
         .testTarget(name: "IntegrationTests", dependencies: ["Engine", "XenSim"]),
     ]
 )

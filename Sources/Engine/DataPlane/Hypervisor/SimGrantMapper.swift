@@ -1,0 +1,235 @@
+import Glibc
+import Synchronization
+
+/// Grant mapping against the simulator's files, following Xen's __gnttab_map_grant_ref /
+/// __gnttab_unmap_common: validate the guest's entry, pin it with a cmpxchg on the shared
+/// flags (GTF_reading, GTF_writing), count pins in hypervisor-private state, and map the very
+/// pages of the guest's memory file, so both processes share the bytes.
+public final class SimGrantMapper: GrantMapper, @unchecked Sendable {
+    private let layout: SimLayout
+    private let localDomain: UInt32
+    private let domains = Mutex<[UInt32: SimGrantDomain]>([:])
+
+    /// `localDomain` is the domid the guest must have granted to (the backend's, normally 0).
+    public init(directory: String, localDomain: UInt32 = 0) {
+        layout = SimLayout(directory: directory)
+        self.localDomain = localDomain
+    }
+
+    public func map(domain: UInt32, refs: [UInt32], writable: Bool) throws -> GrantMapping {
+        guard let first = refs.first else {
+            throw HypervisorError.grantRefused(domain: domain, ref: 0, reason: "no grant refs given")
+        }
+        let target: SimGrantDomain
+        do {
+            target = try domainState(domain)
+        } catch let error as HypervisorError {
+            throw HypervisorError.grantRefused(domain: domain, ref: first, reason: "no such domain (\(error))")
+        }
+        let base = try target.map(refs: refs, writable: writable, by: UInt16(truncatingIfNeeded: localDomain))
+        return GrantMapping(domain: domain, refs: refs, writable: writable, base: base) { base in
+            try target.unmap(base: base, refs: refs, writable: writable)
+        }
+    }
+
+    /// The open files of `domain`, reopened when the domain was destroyed and created again
+    /// (its directory is a new inode then).
+    private func domainState(_ domain: UInt32) throws -> SimGrantDomain {
+        let dir = layout.domainDirectory(domain)
+        var info = stat()
+        guard stat(dir, &info) == 0 else { throw HypervisorError.simulatorUnavailable(path: dir, errno: Glibc.errno) }
+        if let cached = domains.withLock({ $0[domain] }), cached.directoryInode == UInt64(info.st_ino) {
+            return cached
+        }
+        let fresh = try SimGrantDomain(layout: layout, domain: domain, directoryInode: UInt64(info.st_ino))
+        domains.withLock { $0[domain] = fresh }
+        return fresh
+    }
+}
+
+/// One guest's grant state as the simulated hypervisor sees it.
+final class SimGrantDomain: @unchecked Sendable {
+    /// Xen keeps pin counts in 8-bit fields per kind and fails GNTST_general_error on overflow.
+    static let maxPins: UInt32 = 0xFFFF
+    /// Per ref in grant-active: u32 read-only pins, u32 writable pins, u32 frame, u16 mapping domid.
+    static let activeEntrySize = 16
+
+    let domain: UInt32
+    let directoryInode: UInt64
+    private let table: SimGrantTable
+    private let active: SimSharedFile
+    private let memory: Int32
+    private let pageCount: UInt32
+    /// flock excludes other processes; the mutex excludes our own threads (flock is per open file).
+    private let lock = Mutex(())
+
+    init(layout: SimLayout, domain: UInt32, directoryInode: UInt64) throws {
+        self.domain = domain
+        self.directoryInode = directoryInode
+        table = try SimGrantTable(path: layout.grantTable(domain))
+        active = try SimSharedFile(path: layout.grantActive(domain))
+        guard active.size >= table.entryCount * SimGrantDomain.activeEntrySize else {
+            throw HypervisorError.simulatorUnavailable(path: layout.grantActive(domain), errno: EINVAL)
+        }
+        let path = layout.memory(domain)
+        let fd = open(path, O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else { throw HypervisorError.simulatorUnavailable(path: path, errno: Glibc.errno) }
+        var info = stat()
+        fstat(fd, &info)
+        memory = fd
+        pageCount = UInt32(clamping: Int(info.st_size) / SimLayout.pageSize)
+    }
+
+    deinit { close(memory) }
+
+    private struct Active {
+        var readOnlyPins: UInt32
+        var writablePins: UInt32
+        var frame: UInt32
+        var mapper: UInt16
+        var pins: UInt32 { readOnlyPins + writablePins }
+    }
+
+    private func activePointer(_ ref: UInt32) -> UnsafeMutableRawPointer {
+        active.base + Int(ref) * SimGrantDomain.activeEntrySize
+    }
+    private func loadActive(_ ref: UInt32) -> Active {
+        let p = activePointer(ref)
+        return Active(readOnlyPins: p.load(as: UInt32.self), writablePins: p.load(fromByteOffset: 4, as: UInt32.self),
+                      frame: p.load(fromByteOffset: 8, as: UInt32.self), mapper: p.load(fromByteOffset: 12, as: UInt16.self))
+    }
+    private func storeActive(_ ref: UInt32, _ a: Active) {
+        let p = activePointer(ref)
+        p.storeBytes(of: a.readOnlyPins, as: UInt32.self)
+        p.storeBytes(of: a.writablePins, toByteOffset: 4, as: UInt32.self)
+        p.storeBytes(of: a.frame, toByteOffset: 8, as: UInt32.self)
+        p.storeBytes(of: a.mapper, toByteOffset: 12, as: UInt16.self)
+    }
+
+    private func locked<T>(_ body: () throws -> T) rethrows -> T {
+        try lock.withLock { _ in
+            while flock(active.descriptor, LOCK_EX) != 0 && Glibc.errno == EINTR {}
+            defer { flock(active.descriptor, LOCK_UN) }
+            return try body()
+        }
+    }
+
+    private func refused(_ ref: UInt32, _ reason: String) -> HypervisorError {
+        .grantRefused(domain: domain, ref: ref, reason: reason)
+    }
+
+    /// Maps all refs into one reserved range or throws having undone every pin and mapping.
+    func map(refs: [UInt32], writable: Bool, by mapper: UInt16) throws -> UnsafeMutableRawPointer {
+        try locked {
+            var frames: [UInt32] = []
+            frames.reserveCapacity(refs.count)
+            do {
+                for ref in refs { frames.append(try pin(ref, writable: writable, by: mapper)) }
+                return try mapFrames(frames, writable: writable, firstRef: refs[0])
+            } catch {
+                for ref in refs.prefix(frames.count).reversed() { unpin(ref, writable: writable) }
+                throw error
+            }
+        }
+    }
+
+    func unmap(base: UnsafeMutableRawPointer, refs: [UInt32], writable: Bool) throws {
+        // Pages go first so the guest can never reclaim a page we still map.
+        guard munmap(base, refs.count * SimLayout.pageSize) == 0 else {
+            throw HypervisorError.grantUnmapFailed(domain: domain, pages: refs.count, errno: Glibc.errno)
+        }
+        locked { for ref in refs { unpin(ref, writable: writable) } }
+    }
+
+    /// Xen's map path for one ref: returns the frame to map.
+    private func pin(_ ref: UInt32, writable: Bool, by mapper: UInt16) throws -> UInt32 {
+        guard Int(ref) < table.entryCount else {
+            throw refused(ref, "ref out of range (grant table has \(table.entryCount) entries)")
+        }
+        var act = loadActive(ref)
+        guard act.readOnlyPins < SimGrantDomain.maxPins, act.writablePins < SimGrantDomain.maxPins else {
+            throw refused(ref, "pin count overflow")
+        }
+        let firstPin = act.pins == 0
+        if firstPin || (writable && act.writablePins == 0) {
+            try setStatus(ref, writable: writable, by: mapper)
+            if firstPin {
+                act.frame = table.entry(ref).frame
+                act.mapper = mapper
+            }
+        } else if act.mapper != mapper {
+            throw refused(ref, "entry is mapped by domain \(act.mapper)")
+        }
+        guard act.frame < pageCount else {
+            // Undo exactly what this attempt set, like Xen's unlock_out_clear path.
+            if firstPin { table.clearFlags(ref, GrantFlags.reading | GrantFlags.writing) }
+            else if writable && act.writablePins == 0 { table.clearFlags(ref, GrantFlags.writing) }
+            throw refused(ref, "frame \(act.frame) out of range (domain has \(pageCount) pages)")
+        }
+        if writable { act.writablePins += 1 } else { act.readOnlyPins += 1 }
+        storeActive(ref, act)
+        return act.frame
+    }
+
+    /// Xen's _set_status_v1: check type and domid and set GTF_reading (+GTF_writing) in one
+    /// cmpxchg over flags+domid, retrying a few times if the guest keeps changing the entry.
+    private func setStatus(_ ref: UInt32, writable: Bool, by mapper: UInt16) throws {
+        var found = table.header(ref)
+        for _ in 0..<4 {
+            let flags = UInt16(truncatingIfNeeded: found)
+            let grantee = UInt16(truncatingIfNeeded: found >> 16)
+            guard flags & GrantFlags.typeMask == GrantFlags.permitAccess else {
+                throw refused(ref, "entry is not GTF_permit_access (flags 0x\(String(flags, radix: 16)))")
+            }
+            guard grantee == mapper else {
+                throw refused(ref, "entry grants domain \(grantee), not domain \(mapper)")
+            }
+            var newFlags = flags | GrantFlags.reading
+            if writable {
+                guard flags & GrantFlags.readOnly == 0 else {
+                    throw refused(ref, "entry is GTF_readonly; it cannot be mapped writable")
+                }
+                newFlags |= GrantFlags.writing
+            }
+            let desired = (found & 0xFFFF_0000) | UInt32(newFlags)
+            let previous = table.compareExchangeHeader(ref, expected: found, desired: desired)
+            if previous == found { return }
+            found = previous
+        }
+        throw refused(ref, "entry is unstable (the guest keeps changing it)")
+    }
+
+    /// Xen's unmap: writable pins gone → clear GTF_writing; all pins gone → clear GTF_reading.
+    private func unpin(_ ref: UInt32, writable: Bool) {
+        var act = loadActive(ref)
+        if writable { act.writablePins -= 1 } else { act.readOnlyPins -= 1 }
+        if act.writablePins == 0 { table.clearFlags(ref, GrantFlags.writing) }
+        if act.pins == 0 { table.clearFlags(ref, GrantFlags.reading) }
+        storeActive(ref, act)
+    }
+
+    /// Reserves the range, then maps each run of consecutive frames over it with MAP_FIXED.
+    private func mapFrames(_ frames: [UInt32], writable: Bool, firstRef: UInt32) throws -> UnsafeMutableRawPointer {
+        let page = SimLayout.pageSize
+        let length = frames.count * page
+        guard let reserved = mmap(nil, length, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0),
+              reserved != MAP_FAILED else {
+            throw refused(firstRef, "cannot reserve \(frames.count) pages: \(HypervisorError.text(Glibc.errno))")
+        }
+        let prot = writable ? PROT_READ | PROT_WRITE : PROT_READ
+        var index = 0
+        while index < frames.count {
+            var run = 1
+            while index + run < frames.count && frames[index + run] == frames[index] + UInt32(run) { run += 1 }
+            let placed = mmap(reserved + index * page, run * page, prot, MAP_SHARED | MAP_FIXED,
+                              memory, off_t(frames[index]) * off_t(page))
+            guard placed != MAP_FAILED else {
+                let error = Glibc.errno
+                munmap(reserved, length)
+                throw refused(firstRef, "cannot map frame \(frames[index]): \(HypervisorError.text(error))")
+            }
+            index += run
+        }
+        return reserved
+    }
+}

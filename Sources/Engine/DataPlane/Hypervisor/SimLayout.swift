@@ -1,0 +1,68 @@
+import Glibc
+
+/// Where the simulated hypervisor keeps its state under `--sim DIR` / `xensim --dir DIR`:
+///
+///     DIR/domains/<N>/memory        guest N's RAM: page-count × 4 KiB, shared by mmap
+///     DIR/domains/<N>/grant-table   guest N's grant table: struct grant_entry_v1[entries]
+///     DIR/domains/<N>/grant-active  hypervisor-private pin counts per ref (guest never maps it)
+///     DIR/evtchn/dom<N>.sock        event-channel broker socket; connecting as N = being N
+public struct SimLayout: Sendable {
+    public static let pageSize = 4096
+    /// Xen's historical default max_grant_frames: 32 frames of 512 v1 entries.
+    public static let grantTableFrames = 32
+    public static let grantEntrySize = 8
+    public static var grantEntries: Int { grantTableFrames * pageSize / grantEntrySize }
+
+    public let directory: String
+
+    public init(directory: String) { self.directory = directory }
+
+    public var domainsDirectory: String { "\(directory)/domains" }
+    public func domainDirectory(_ domid: UInt32) -> String { "\(domainsDirectory)/\(domid)" }
+    public func memory(_ domid: UInt32) -> String { "\(domainDirectory(domid))/memory" }
+    public func grantTable(_ domid: UInt32) -> String { "\(domainDirectory(domid))/grant-table" }
+    public func grantActive(_ domid: UInt32) -> String { "\(domainDirectory(domid))/grant-active" }
+    public var eventChannelDirectory: String { "\(directory)/evtchn" }
+    public func eventChannelSocket(_ domid: UInt32) -> String { "\(eventChannelDirectory)/dom\(domid).sock" }
+}
+
+/// A whole file mapped MAP_SHARED read-write: the way every simulator process sees the same
+/// bytes (guest memory, grant tables, pin counts).
+public final class SimSharedFile: @unchecked Sendable {
+    public let path: String
+    public let descriptor: Int32
+    public let base: UnsafeMutableRawPointer
+    public let size: Int
+    public let inode: UInt64
+
+    public init(path: String) throws {
+        let fd = open(path, O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else { throw HypervisorError.simulatorUnavailable(path: path, errno: Glibc.errno) }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else {
+            let error = Glibc.errno
+            close(fd)
+            throw HypervisorError.simulatorUnavailable(path: path, errno: error)
+        }
+        guard info.st_size > 0 else {
+            close(fd)
+            throw HypervisorError.simulatorUnavailable(path: path, errno: EINVAL)
+        }
+        let mapped = mmap(nil, Int(info.st_size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        guard let mapped, mapped != MAP_FAILED else {
+            let error = Glibc.errno
+            close(fd)
+            throw HypervisorError.simulatorUnavailable(path: path, errno: error)
+        }
+        self.path = path
+        descriptor = fd
+        base = mapped
+        size = Int(info.st_size)
+        inode = UInt64(info.st_ino)
+    }
+
+    deinit {
+        munmap(base, size)
+        close(descriptor)
+    }
+}

@@ -1,0 +1,112 @@
+import Engine
+import Glibc
+
+/// A failed guest-side simulator operation, one line for the user.
+public enum SimDomainError: Error, CustomStringConvertible, Sendable, Equatable {
+    case invalidDomid(UInt32)
+    case invalidMemory(megabytes: Int)
+    case domainExists(UInt32)
+    case noSuchDomain(UInt32)
+    case io(path: String, errno: Int32)
+    /// endForeignAccess while the backend still maps the page (GTF_reading/GTF_writing set).
+    case grantBusy(ref: UInt32)
+    case invalidGrantRef(UInt32)
+    case noFreeGrantRefs
+    case outOfMemory(pages: Int)
+
+    public var description: String {
+        switch self {
+        case let .invalidDomid(d): return "domid \(d) is not a guest domid (use 1...32751)"
+        case let .invalidMemory(mb): return "memory \(mb) MiB is out of range (use 1...1048576)"
+        case let .domainExists(d): return "domain \(d) already exists; destroy it first"
+        case let .noSuchDomain(d): return "domain \(d) does not exist; create it with `xensim domain create`"
+        case let .io(path, e): return "\(path): \(String(cString: strerror(e)))"
+        case let .grantBusy(ref): return "grant ref \(ref) is still mapped by the backend (GTF_reading/GTF_writing set)"
+        case let .invalidGrantRef(ref): return "grant ref \(ref) is not one this guest granted"
+        case .noFreeGrantRefs: return "the grant table is full; end foreign access to some grants first"
+        case let .outOfMemory(pages): return "guest memory has no \(pages) free page(s)"
+        }
+    }
+}
+
+/// Creating and destroying a simulated domain's hypervisor state: its memory file (all RAM,
+/// sparse), its grant table and the hypervisor-private pin counts (see SimLayout).
+public enum SimDomain {
+    /// Xen's DOMID_FIRST_RESERVED: domids from 0x7FF0 on are special.
+    public static let maxDomid: UInt32 = 0x7FEF
+
+    /// Creates DIR/domains/<domid>/ complete or not at all (built aside, then renamed in).
+    public static func createDomain(directory: String, domid: UInt32, memoryMB: Int) throws {
+        guard domid >= 1 && domid <= maxDomid else { throw SimDomainError.invalidDomid(domid) }
+        guard memoryMB >= 1 && memoryMB <= 1 << 20 else { throw SimDomainError.invalidMemory(megabytes: memoryMB) }
+        let layout = SimLayout(directory: directory)
+        try makeDirectory(directory)
+        try makeDirectory(layout.domainsDirectory)
+        let final = layout.domainDirectory(domid)
+        if access(final, F_OK) == 0 { throw SimDomainError.domainExists(domid) }
+        let staging = "\(layout.domainsDirectory)/.\(domid).creating.\(getpid())"
+        try makeDirectory(staging)
+        do {
+            try createFile("\(staging)/memory", size: memoryMB << 20)
+            try createFile("\(staging)/grant-table", size: SimLayout.grantEntries * SimLayout.grantEntrySize)
+            try createFile("\(staging)/grant-active", size: SimLayout.grantEntries * 16)
+            guard rename(staging, final) == 0 else {
+                let error = Glibc.errno
+                throw error == EEXIST || error == ENOTEMPTY ? SimDomainError.domainExists(domid)
+                    : SimDomainError.io(path: final, errno: error)
+            }
+        } catch {
+            removeTree(staging)
+            throw error
+        }
+    }
+
+    /// Removes the domain's state. Processes that still map its pages keep them until they
+    /// unmap (the files live on while mapped), as Xen keeps a dying domain's granted pages.
+    public static func destroyDomain(directory: String, domid: UInt32) throws {
+        let layout = SimLayout(directory: directory)
+        let dir = layout.domainDirectory(domid)
+        let doomed = "\(layout.domainsDirectory)/.\(domid).destroying.\(getpid())"
+        guard rename(dir, doomed) == 0 else {
+            let error = Glibc.errno
+            throw error == ENOENT ? SimDomainError.noSuchDomain(domid) : SimDomainError.io(path: dir, errno: error)
+        }
+        removeTree(doomed)
+    }
+
+    public static func exists(directory: String, domid: UInt32) -> Bool {
+        access(SimLayout(directory: directory).grantTable(domid), F_OK) == 0
+    }
+
+    /// Domids with state under DIR/domains, ascending.
+    public static func list(directory: String) -> [UInt32] {
+        guard let dir = opendir(SimLayout(directory: directory).domainsDirectory) else { return [] }
+        defer { closedir(dir) }
+        var found: [UInt32] = []
+        while let entry = readdir(dir) {
+            let name = withUnsafePointer(to: entry.pointee.d_name) {
+                $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) }
+            }
+            if let domid = UInt32(name), String(domid) == name { found.append(domid) }
+        }
+        return found.sorted()
+    }
+
+    private static func makeDirectory(_ path: String) throws {
+        guard mkdir(path, 0o755) == 0 || Glibc.errno == EEXIST else {
+            throw SimDomainError.io(path: path, errno: Glibc.errno)
+        }
+    }
+
+    private static func createFile(_ path: String, size: Int) throws {
+        let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw SimDomainError.io(path: path, errno: Glibc.errno) }
+        defer { close(fd) }
+        guard ftruncate(fd, off_t(size)) == 0 else { throw SimDomainError.io(path: path, errno: Glibc.errno) }
+    }
+
+    private static func removeTree(_ dir: String) {
+        for name in ["memory", "grant-table", "grant-active"] { unlink("\(dir)/\(name)") }
+        rmdir(dir)
+    }
+}
