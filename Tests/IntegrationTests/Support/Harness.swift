@@ -120,6 +120,14 @@ final class BackgroundProcess: @unchecked Sendable {
     var isRunning: Bool { process.isRunning }
     var output: String { stdout.snapshot() + stderr.snapshot() }
 
+    /// Waits up to `timeout` seconds for the process to end by itself (then SIGKILLs it).
+    @discardableResult
+    func wait(timeout: TimeInterval) -> Int32 {
+        let deadline = Date().addingTimeInterval(timeout)
+        while process.isRunning && Date() < deadline { usleep(10_000) }
+        return stop(signal: SIGKILL, grace: 1)
+    }
+
     /// Sends `signal`, waits up to `grace` seconds, then SIGKILLs. Returns the exit status.
     @discardableResult
     func stop(signal: Int32 = SIGTERM, grace: TimeInterval = 10) -> Int32 {

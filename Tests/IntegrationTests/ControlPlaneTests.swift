@@ -1,0 +1,122 @@
+import Foundation
+import Testing
+
+/// The control plane end to end: xensim's xenstored and toolstack, blkback-server as a separate
+/// process, and a "guest" driving its frontend state by hand through its own xenstore socket.
+@Suite(.serialized) struct ControlPlaneTests {
+    static let backend = "/local/domain/0/backend/vbd/1/51712"
+    static let frontend = "/local/domain/1/device/vbd/51712"
+
+    /// A simulator, a daemon serving it, domain 1 and a disk file.
+    final class Rig {
+        let sim: Simulator
+        let daemon: BackgroundProcess
+        let disk: String
+
+        init(_ label: String) throws {
+            sim = try Simulator(label)
+            daemon = try BackgroundProcess(Harness.executable("blkback-server"), ["--sim", sim.path, "--log-level", "debug"])
+            disk = sim.directory.appendingPathComponent("disk.img").path
+            #expect(FileManager.default.createFile(atPath: disk, contents: nil))
+            #expect(truncate(disk, 64 << 20) == 0)
+            let created = try sim.xensim(["domain", "create"], ["--domid", "1"])
+            #expect(created.status == 0, "domain create: \(created.stderr)")
+        }
+
+        func read(_ path: String) throws -> String? {
+            let result = try sim.xenstore("xenstore-read", [path])
+            return result.status == 0 ? result.stdout.trimmingCharacters(in: .newlines) : nil
+        }
+
+        func waitFor(_ path: String, _ value: String?, timeout: TimeInterval = 10) throws -> Bool {
+            try eventually(timeout: timeout) { try read(path) == value }
+        }
+
+        func stop() {
+            #expect(daemon.stop() == 0, "blkback-server did not exit 0 on SIGTERM: \(daemon.output)")
+            sim.stop()
+        }
+    }
+
+    @Test func attachReachesInitWaitAndTheGuestDrivesTheStateMachine() throws {
+        let rig = try Rig("ctl")
+        defer { rig.stop() }
+        let attach = try rig.sim.xensim(["attach"], ["--domid", "1", "--devid", "51712", "--target", rig.disk])
+        #expect(attach.status == 0, "attach: \(attach.stderr) daemon: \(rig.daemon.output)")
+        #expect(try rig.read("\(Self.backend)/state") == "2")
+        for feature in ["feature-max-indirect-segments", "max-ring-page-order", "multi-queue-max-queues"] {
+            #expect(try rig.read("\(Self.backend)/\(feature)") != nil, "probe feature \(feature) missing")
+        }
+
+        // The guest may read the backend but not write it.
+        let denied = try rig.sim.xenstore("xenstore-write", ["\(Self.backend)/state", "4"], asDomain: 1)
+        #expect(denied.status != 0)
+        #expect(try rig.read("\(Self.backend)/state") == "2")
+
+        // Frontend Closing → backend Closing; Closed → Closed; Initialising → InitWait (reconnect).
+        func guestWritesState(_ state: Int) throws {
+            let result = try rig.sim.xenstore("xenstore-write", ["\(Self.frontend)/state", "\(state)"], asDomain: 1)
+            #expect(result.status == 0, "guest write: \(result.stderr)")
+        }
+        try guestWritesState(5)
+        #expect(try rig.waitFor("\(Self.backend)/state", "5"))
+        try guestWritesState(6)
+        #expect(try rig.waitFor("\(Self.backend)/state", "6"))
+        try guestWritesState(1)
+        #expect(try rig.waitFor("\(Self.backend)/state", "2"))
+
+        // A state a frontend must never show: the backend reports it like xenbus_dev_fatal.
+        try guestWritesState(7)
+        #expect(try rig.waitFor("\(Self.backend)/state", "5"))
+        #expect(try rig.read("/local/domain/0/error/backend/vbd/1/51712/error")?.contains("saw state 7") == true)
+        try guestWritesState(6)
+        #expect(try rig.waitFor("\(Self.backend)/state", "6"))
+        try guestWritesState(1)
+        #expect(try rig.waitFor("\(Self.backend)/state", "2"))
+
+        // xl block-detach: the toolstack sets online=0 and Closing; the guest answers Closed.
+        let detach = try BackgroundProcess(Harness.executable("xensim"),
+                                           ["detach", "--dir", rig.sim.path, "--domid", "1", "--devid", "51712"])
+        #expect(try rig.waitFor("\(Self.backend)/online", "0"))
+        try guestWritesState(6)
+        #expect(detach.wait(timeout: 15) == 0, "detach: \(detach.output)")
+        #expect(try rig.read("\(Self.backend)/state") == nil)
+        #expect(try rig.read("\(Self.frontend)/state") == nil)
+    }
+
+    @Test func attachOfAMissingFileFailsWithAnErrorNodeAndOtherDevicesKeepWorking() throws {
+        let rig = try Rig("ctl-missing")
+        defer { rig.stop() }
+        let missing = rig.sim.directory.appendingPathComponent("no-such.img").path
+        let started = Date()
+        let failed = try rig.sim.xensim(["attach"], ["--domid", "1", "--devid", "51728", "--target", missing])
+        #expect(failed.status != 0)
+        #expect(failed.stderr.contains("unable to add device"), "stderr: \(failed.stderr)")
+        #expect(Date().timeIntervalSince(started) < 9, "attach should fail as soon as the backend gives up")
+        let error = try rig.read("/local/domain/0/error/backend/vbd/1/51728/error")
+        #expect(error?.contains("No such file") == true, "error node: \(error ?? "none")")
+
+        let attach = try rig.sim.xensim(["attach"], ["--domid", "1", "--devid", "51712", "--target", rig.disk])
+        #expect(attach.status == 0, "attach: \(attach.stderr)")
+        #expect(try rig.read("\(Self.backend)/state") == "2")
+        #expect(rig.daemon.isRunning)
+
+        // The toolstack removing the backend dir tears the device down; a fresh attach works.
+        #expect(try rig.sim.xenstore("xenstore-rm", [Self.backend]).status == 0)
+        #expect(try rig.sim.xenstore("xenstore-rm", [Self.frontend]).status == 0)
+        let again = try rig.sim.xensim(["attach"], ["--domid", "1", "--devid", "51712", "--target", rig.disk])
+        #expect(again.status == 0, "re-attach: \(again.stderr) daemon: \(rig.daemon.output)")
+    }
+
+    @Test func daemonWithoutXenstoreExitsWithOneLine() throws {
+        let directory = try Harness.temporaryDirectory("no-xenstored")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let result = try Harness.run(Harness.executable("blkback-server"), [],
+                                     environment: ["XENSTORED_PATH": directory.appendingPathComponent("none.sock").path],
+                                     timeout: 20)
+        #expect(result.status == 1)
+        let lines = result.stderr.split(separator: "\n")
+        #expect(lines.count == 1, "stderr: \(result.stderr)")
+        #expect(result.stderr.contains("xenstore"))
+    }
+}
