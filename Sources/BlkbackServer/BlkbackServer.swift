@@ -94,9 +94,17 @@ struct BlkbackServer: ParsableCommand {
                  + "start xenstored (or xensim run) or set XENSTORED_PATH", code: 1)
         }
 
+        let services: HypervisorServices
+        do {
+            services = try HypervisorServices.open(simulatorDirectory: sim, localDomain: domid)
+        } catch {
+            fail("\(error)", code: 2)
+        }
+        let dataPlane = BlkbackDataPlane(services: services, logger: Logger(label: "blkback.data"))
+
         let manager: BackendManager
         do {
-            manager = try BackendManager(configuration: configuration, store: store, dataPlane: nil, logger: logger)
+            manager = try BackendManager(configuration: configuration, store: store, dataPlane: dataPlane, logger: logger)
             try manager.start()
         } catch {
             fail("cannot watch \(configuration.backendRoot(kind: configuration.kinds[0])): \(error)", code: 1)
@@ -105,7 +113,7 @@ struct BlkbackServer: ParsableCommand {
             serving \(configuration.kinds.map { "backend/\($0)" }.joined(separator: ", ")) of domain \(domid) \
             through xenstored at \(XenStore.socketDescription); max-queues \(maxQueues), \
             max-ring-page-order \(maxRingPageOrder), max-indirect-segments \(maxIndirectSegments), \
-            persistent grants \(persistentGrants ? "on" : "off"); data plane not available yet\
+            persistent grants not implemented (feature-persistent=0)\
             \(address.map { "; HTTP API \($0) not served yet" } ?? "")
             """)
 
