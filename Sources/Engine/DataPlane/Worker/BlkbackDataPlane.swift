@@ -38,7 +38,7 @@ public final class BlkbackDataPlane: DataPlane {
             throw error
         }
         for worker in workers {
-            // Linux names them blkback.<domid>.<device>-<queue>; thread names keep 15 bytes.
+            // As Linux names them: blkback.<domid>.<device>-<queue>.
             worker.start(name: "blkback.\(request.domid).\(request.devid)-\(worker.queue)")
         }
         logger.info("""
