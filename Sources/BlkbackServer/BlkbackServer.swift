@@ -85,6 +85,16 @@ struct BlkbackServer: ParsableCommand {
         sigaddset(&stopSignals, SIGINT)
         pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
 
+        // Grants and event channels first: without them (no Xen, modules not loaded) nothing
+        // can be served, and that is the message an operator needs.
+        let services: HypervisorServices
+        do {
+            services = try HypervisorServices.open(simulatorDirectory: sim, localDomain: domid)
+        } catch {
+            fail("\(error)", code: 2)
+        }
+        let dataPlane = BlkbackDataPlane(services: services, logger: Logger(label: "blkback.data"))
+
         let store: XenStore
         do {
             store = try XenStore()
@@ -93,14 +103,6 @@ struct BlkbackServer: ParsableCommand {
             fail("cannot connect to xenstored at \(XenStore.socketDescription): \(reason); "
                  + "start xenstored (or xensim run) or set XENSTORED_PATH", code: 1)
         }
-
-        let services: HypervisorServices
-        do {
-            services = try HypervisorServices.open(simulatorDirectory: sim, localDomain: domid)
-        } catch {
-            fail("\(error)", code: 2)
-        }
-        let dataPlane = BlkbackDataPlane(services: services, logger: Logger(label: "blkback.data"))
 
         let manager: BackendManager
         do {
