@@ -85,6 +85,16 @@ struct BlkbackServer: ParsableCommand {
         sigaddset(&stopSignals, SIGINT)
         pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
 
+        // Grants and event channels first: without them (no Xen, modules not loaded) nothing
+        // can be served, and that is the message an operator needs.
+        let services: HypervisorServices
+        do {
+            services = try HypervisorServices.open(simulatorDirectory: sim, localDomain: domid)
+        } catch {
+            fail("\(error)", code: 2)
+        }
+        let dataPlane = BlkbackDataPlane(services: services, logger: Logger(label: "blkback.data"))
+
         let store: XenStore
         do {
             store = try XenStore()
@@ -96,7 +106,7 @@ struct BlkbackServer: ParsableCommand {
 
         let manager: BackendManager
         do {
-            manager = try BackendManager(configuration: configuration, store: store, dataPlane: nil, logger: logger)
+            manager = try BackendManager(configuration: configuration, store: store, dataPlane: dataPlane, logger: logger)
             try manager.start()
         } catch {
             fail("cannot watch \(configuration.backendRoot(kind: configuration.kinds[0])): \(error)", code: 1)
@@ -105,7 +115,7 @@ struct BlkbackServer: ParsableCommand {
             serving \(configuration.kinds.map { "backend/\($0)" }.joined(separator: ", ")) of domain \(domid) \
             through xenstored at \(XenStore.socketDescription); max-queues \(maxQueues), \
             max-ring-page-order \(maxRingPageOrder), max-indirect-segments \(maxIndirectSegments), \
-            persistent grants \(persistentGrants ? "on" : "off"); data plane not available yet\
+            persistent grants not implemented (feature-persistent=0)\
             \(address.map { "; HTTP API \($0) not served yet" } ?? "")
             """)
 

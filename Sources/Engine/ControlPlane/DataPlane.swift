@@ -8,15 +8,19 @@ public struct BlockFeatures: Equatable, Sendable {
     public var discardGranularity: UInt32
     public var discardAlignment: UInt32
     public var discardSecure: Bool
+    /// feature-persistent: the data plane keeps grants mapped across requests.
+    public var persistentGrants: Bool
 
     public init(flush: Bool = false, barrier: Bool = false, discard: Bool = false,
-                discardGranularity: UInt32 = 0, discardAlignment: UInt32 = 0, discardSecure: Bool = false) {
+                discardGranularity: UInt32 = 0, discardAlignment: UInt32 = 0, discardSecure: Bool = false,
+                persistentGrants: Bool = false) {
         self.flush = flush
         self.barrier = barrier
         self.discard = discard
         self.discardGranularity = discardGranularity
         self.discardAlignment = discardAlignment
         self.discardSecure = discardSecure
+        self.persistentGrants = persistentGrants
     }
 
     public static let none = BlockFeatures()
@@ -60,6 +64,8 @@ public protocol DataPlane: AnyObject, Sendable {
 public protocol ConnectedRings: AnyObject, Sendable {
     /// What the data plane serves on this backing store, to advertise at connect.
     var features: BlockFeatures { get }
+    /// Data-path counters since connect, summed over the rings. Safe from any thread.
+    var statistics: VBDStatistics { get }
     /// Stops taking requests and releases the rings once nothing is in flight
     /// (xen_blkif_disconnect). false = requests still in flight; call again later.
     func disconnect() -> Bool

@@ -293,7 +293,8 @@ final class VBD {
             ("feature-flush-cache", features.flush ? "1" : "0"),
             ("feature-barrier", features.barrier ? "1" : "0"),
             ("feature-discard", features.discard ? "1" : "0"),
-            ("feature-persistent", context.configuration.persistentGrants ? "1" : "0"),
+            // Only what the data plane really does, whatever the configuration offers.
+            ("feature-persistent", features.persistentGrants ? "1" : "0"),
             ("sectors", "\(disk.sectors)"),
             ("info", "\(info.rawValue)"),
             ("sector-size", "\(disk.logicalSectorSize)"),
@@ -392,8 +393,8 @@ final class VBD {
                            physicalSectorSize: backingStore?.physicalSectorSize ?? 0, info: info,
                            protocol: description?.protocol.description, queues: description?.queues.count ?? 0,
                            ringPageOrder: description?.ringPageOrder ?? 0,
-                           persistentGrants: description?.persistentGrants ?? false,
+                           persistentGrants: (description?.persistentGrants ?? false) && features.persistentGrants,
                            maxIndirectSegments: context.configuration.maxIndirectSegments,
-                           features: features, error: lastError)
+                           features: features, statistics: connection?.statistics, error: lastError)
     }
 }

@@ -36,6 +36,8 @@ public struct VBDSnapshot: Sendable, Equatable {
     public var persistentGrants: Bool
     public var maxIndirectSegments: Int
     public var features: BlockFeatures
+    /// Data-path counters since connect; nil while not connected.
+    public var statistics: VBDStatistics?
     /// The last xenbus_dev_fatal line ("<errno> <message>"), if any.
     public var error: String?
 }

@@ -23,10 +23,16 @@ public protocol EventChannels: AnyObject, Sendable {
 public struct HypervisorServices: Sendable {
     public let grants: any GrantMapper
     public let eventChannels: any EventChannels
+    /// Opens another event channel handle of the same kind. The data plane takes one per ring,
+    /// as the kernel gives each ring its own interrupt: each worker waits on its own fd and
+    /// drains only its own port.
+    public let openEventChannels: @Sendable () throws -> any EventChannels
 
-    public init(grants: any GrantMapper, eventChannels: any EventChannels) {
+    public init(grants: any GrantMapper, eventChannels: any EventChannels,
+                openEventChannels: @escaping @Sendable () throws -> any EventChannels) {
         self.grants = grants
         self.eventChannels = eventChannels
+        self.openEventChannels = openEventChannels
     }
 
     /// `simulatorDirectory` nil → /dev/xen/gntdev and /dev/xen/evtchn; else the simulator
@@ -35,8 +41,10 @@ public struct HypervisorServices: Sendable {
         if let dir = simulatorDirectory {
             return HypervisorServices(
                 grants: SimGrantMapper(directory: dir, localDomain: localDomain),
-                eventChannels: try SimEventChannels(directory: dir, domain: localDomain))
+                eventChannels: try SimEventChannels(directory: dir, domain: localDomain),
+                openEventChannels: { try SimEventChannels(directory: dir, domain: localDomain) })
         }
-        return HypervisorServices(grants: try XenGrantMapper(), eventChannels: try XenEventChannels())
+        return HypervisorServices(grants: try XenGrantMapper(), eventChannels: try XenEventChannels(),
+                                  openEventChannels: { try XenEventChannels() })
     }
 }

@@ -1,0 +1,192 @@
+import CURing
+import Glibc
+import Logging
+import Synchronization
+
+/// The data plane of Linux xen-blkback (blkback.c) over the hypervisor ports and io_uring:
+/// one worker thread per ring. No persistent grants: every request maps its grants and
+/// unmaps them before it is answered.
+public final class BlkbackDataPlane: DataPlane {
+    private let services: HypervisorServices
+    private let logger: Logger
+
+    public init(services: HypervisorServices, logger: Logger) {
+        self.services = services
+        self.logger = logger
+    }
+
+    /// xen_blkif_map for every queue, then the xenblkd threads. All or nothing.
+    public func connect(_ request: DataPlaneRequest) throws -> any ConnectedRings {
+        var logger = self.logger
+        logger[metadataKey: "vbd"] = "\(request.kind)/\(request.domid)/\(request.devid)"
+        let store = request.backingStore
+        let io = try IODescriptor(store: store)
+        let features = Self.features(of: store, io: io, discardEnabled: request.discardEnabled)
+        let maxIndirect = min(max(request.maxIndirectSegments, 0), Blkif.maxIndirectSegments)
+        let device = DeviceContext(
+            domid: request.domid, descriptor: io.descriptor,
+            limits: BlkifRequestLimits(sectors: store.sectors, readOnly: store.readOnly, maxIndirectSegments: maxIndirect),
+            features: features, sectorsPerBlock: UInt64(max(store.logicalSectorSize, 512) / 512))
+
+        var workers: [RingWorker] = []
+        do {
+            for (queue, description) in request.rings.queues.enumerated() {
+                workers.append(try makeWorker(queue: queue, description, request: request, device: device, logger: logger))
+            }
+        } catch {
+            for worker in workers { worker.release() }
+            throw error
+        }
+        for worker in workers {
+            // As Linux names them: blkback.<domid>.<device>-<queue>.
+            worker.start(name: "blkback.\(request.domid).\(request.devid)-\(worker.queue)")
+        }
+        logger.info("""
+            serving \(workers.count) ring(s) on \(store.path) (\(io.direct ? "direct I/O" : "buffered I/O"); \
+            flush, barrier\(features.discard ? ", discard" : "")\(maxIndirect > 0 ? ", \(maxIndirect) indirect segments" : ""))
+            """)
+        return ConnectedVBD(workers: workers, io: io, features: features, logger: logger)
+    }
+
+    /// Maps one queue's ring pages, binds its event channel on a handle of its own and
+    /// attaches the ring; undoes what it did when a step fails.
+    private func makeWorker(queue: Int, _ description: RingQueue, request: DataPlaneRequest,
+                            device: DeviceContext, logger: Logger) throws -> RingWorker {
+        let ringMapping: GrantMapping
+        do {
+            ringMapping = try services.grants.map(domain: request.domid, refs: description.ringRefs, writable: true)
+        } catch {
+            throw DataPlaneError("mapping ring of queue \(queue) (refs \(description.ringRefs)): \(error)")
+        }
+        let eventChannels: any EventChannels
+        let port: UInt32
+        do {
+            eventChannels = try services.openEventChannels()
+            port = try eventChannels.bindInterdomain(remoteDomain: request.domid, remotePort: description.eventChannel)
+        } catch {
+            try? ringMapping.unmap()
+            throw DataPlaneError("binding event channel \(description.eventChannel) of queue \(queue): \(error)")
+        }
+        do {
+            return try RingWorker(queue: queue, localPort: port, eventChannels: eventChannels, grants: services.grants,
+                                  ringMapping: ringMapping, protocol: request.rings.protocol, device: device, logger: logger)
+        } catch {
+            try? eventChannels.unbind(port)
+            try? ringMapping.unmap()
+            throw DataPlaneError("starting queue \(queue): \(error)")
+        }
+    }
+
+    /// What this backing store gets: flush and barrier always (fdatasync); discard on a
+    /// writable regular file whose file system punches holes, unless the toolstack said
+    /// discard-enable=0. Block devices get no discard: io_uring here has no BLKDISCARD.
+    static func features(of store: BackingStore, io: IODescriptor, discardEnabled: Bool) -> BlockFeatures {
+        var features = BlockFeatures(flush: true, barrier: true)
+        if discardEnabled, !store.isBlockDevice, !store.readOnly, let granularity = io.holePunchGranularity() {
+            features.discard = true
+            features.discardGranularity = granularity
+            features.discardAlignment = 0
+        }
+        return features
+    }
+}
+
+/// A data plane failure for the control plane's error node: one line.
+struct DataPlaneError: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// The backing store's descriptor for guest I/O: reopened with O_DIRECT when the store takes
+/// direct I/O of its sector size, else a duplicate of the buffered one (FLUSH still fdatasyncs).
+final class IODescriptor: Sendable {
+    let descriptor: Int32
+    let direct: Bool
+
+    init(store: BackingStore) throws {
+        let access = store.readOnly ? O_RDONLY : O_RDWR
+        let reopened = open("/proc/self/fd/\(store.descriptor)", access | O_CLOEXEC | O_NOCTTY | curing_o_direct())
+        if reopened >= 0, Self.directIOWorks(reopened, blockSize: Int(max(store.logicalSectorSize, 512))) {
+            descriptor = reopened
+            direct = true
+            return
+        }
+        if reopened >= 0 { close(reopened) }
+        let duplicate = fcntl(store.descriptor, F_DUPFD_CLOEXEC, 0)
+        guard duplicate >= 0 else { throw DataPlaneError("duplicating the descriptor of \(store.path): \(SystemCallError(operation: "fcntl"))") }
+        descriptor = duplicate
+        direct = false
+    }
+
+    deinit { close(descriptor) }
+
+    /// Some file systems accept O_DIRECT at open but refuse I/O of a given alignment.
+    private static func directIOWorks(_ descriptor: Int32, blockSize: Int) -> Bool {
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: blockSize, alignment: 4096)
+        defer { buffer.deallocate() }
+        return pread(descriptor, buffer, blockSize, 0) >= 0
+    }
+
+    /// The file system block size if punching a hole works here (tried past the end of the
+    /// file, which changes nothing), else nil.
+    func holePunchGranularity() -> UInt32? {
+        var info = stat()
+        guard fstat(descriptor, &info) == 0 else { return nil }
+        let block = max(Int(info.st_blksize), 512)
+        let end = (Int(info.st_size) + block - 1) / block * block
+        // Through io_uring, the path discards take (glibc hides fallocate behind _GNU_SOURCE).
+        guard let probe = try? IOURing(entries: 1),
+              (try? probe.punchHole(descriptor, offset: UInt64(end), length: UInt64(block), tag: 0)) != nil,
+              (try? probe.submit()) == 1 else { return nil }
+        var result: Int32?
+        var waiter = pollfd(fd: probe.completionDescriptor, events: Int16(POLLIN), revents: 0)
+        while result == nil, poll(&waiter, 1, 5000) > 0 {
+            probe.drainSignal()
+            probe.reapCompletions { result = $0.result }
+        }
+        return result == 0 ? UInt32(block) : nil
+    }
+}
+
+/// One VBD's rings while served.
+final class ConnectedVBD: ConnectedRings {
+    let features: BlockFeatures
+    private let workers: [RingWorker]
+    private let io: IODescriptor
+    private let logger: Logger
+    /// Released once; later disconnect() calls only report true.
+    private let released = Mutex(false)
+
+    init(workers: [RingWorker], io: IODescriptor, features: BlockFeatures, logger: Logger) {
+        self.workers = workers
+        self.io = io
+        self.features = features
+        self.logger = logger
+    }
+
+    var statistics: VBDStatistics {
+        var total = VBDStatistics()
+        for worker in workers { total.add(worker.statistics.snapshot) }
+        return total
+    }
+
+    /// xen_blkif_disconnect: stop taking requests; -EBUSY (false) while any ring still has
+    /// requests in flight; then stop the threads, unbind, unmap.
+    func disconnect() -> Bool {
+        released.withLock { done in
+            if done { return true }
+            for worker in workers { worker.requestStop() }
+            let busy = workers.reduce(0) { $0 + $1.inflight }
+            // Idle workers exit as soon as they see the stop; a request taken just before it
+            // keeps one running, which counts as in flight.
+            guard busy == 0, workers.allSatisfy({ $0.waitForExit(milliseconds: 50) }) else {
+                logger.debug("disconnect: \(busy) request(s) in flight")
+                return false
+            }
+            for worker in workers { worker.release() }
+            done = true
+            logger.info("rings released")
+            return true
+        }
+    }
+}

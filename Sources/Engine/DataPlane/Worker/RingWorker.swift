@@ -1,0 +1,537 @@
+import CURing
+import Dispatch
+import Foundation
+import Glibc
+import Logging
+import Synchronization
+
+/// What every ring of one VBD shares: the backing store's I/O descriptor, the limits requests
+/// are checked against and the operations served.
+struct DeviceContext: Sendable {
+    let domid: UInt32
+    /// The descriptor I/O goes to (O_DIRECT when the store allows it); owned by ConnectedVBD.
+    let descriptor: Int32
+    let limits: BlkifRequestLimits
+    let features: BlockFeatures
+    /// sector-size in 512-byte units: every transfer must start and end on it.
+    let sectorsPerBlock: UInt64
+}
+
+/// One request between being taken off the ring and being answered (blkback's pending_req).
+/// Slots are preallocated, one per ring entry, so in-flight requests never exceed the ring.
+private final class RequestSlot {
+    enum Stage { case idle, waitingForDrain, data, flush, discard }
+
+    var stage = Stage.idle
+    var id: UInt64 = 0
+    /// Echoed in the response: the ring operation (BLKIF_OP_INDIRECT for indirect requests).
+    var operation = BlkifOperation.read
+    /// nil for operations without a latency histogram (unknown ones).
+    var kind: BlockOperationKind?
+    var status = BlkifResponseStatus.okay
+    var mapping: GrantMapping?
+    var isWrite = false
+    var offset: UInt64 = 0
+    var bytes: UInt64 = 0
+    var transferred: UInt64 = 0
+    var flushAfter = false
+    var discardLength: UInt64 = 0
+    /// Submissions not yet completed.
+    var outstanding = 0
+    var started: UInt64 = 0
+    var vectors: UnsafeMutablePointer<iovec>
+    var vectorCapacity: Int
+    var vectorCount = 0
+
+    init() {
+        vectorCapacity = Blkif.maxSegmentsPerRequest
+        vectors = .allocate(capacity: vectorCapacity)
+    }
+
+    deinit { vectors.deallocate() }
+
+    func reserveVectors(_ count: Int) {
+        guard count > vectorCapacity else { return }
+        vectors.deallocate()
+        vectors = .allocate(capacity: count)
+        vectorCapacity = count
+    }
+}
+
+/// Serves one shared ring on its own thread (blkback's xen_blkif_schedule): waits in poll()
+/// on its event channel, its io_uring's completion eventfd and a wakeup eventfd; takes
+/// requests with the final-check rule, maps their grants, submits them to io_uring and
+/// answers them as they complete.
+final class RingWorker: @unchecked Sendable {
+    /// Requests taken per pass before completions are looked at again (XSA-332: an event
+    /// storm or a full ring cannot monopolise the thread).
+    static let requestBudget = 32
+    /// Linux's UIO_MAXIOV: iovecs per readv/writev.
+    static let maxVectorsPerSubmission = 1024
+
+    let queue: Int
+    let localPort: UInt32
+    let statistics = RingStatistics()
+    private let eventChannels: any EventChannels
+    private let grants: any GrantMapper
+    private let ringMapping: GrantMapping
+    private let device: DeviceContext
+    private var ring: BackRing
+    private let uring: IOURing
+    private let wakeup: Int32
+    private var logger: Logger
+
+    // Shared with the control-plane thread.
+    private let stopRequested = Atomic<Bool>(false)
+    private let inflightCount = Atomic<Int>(0)
+    private let exited = Atomic<Bool>(false)
+    private let exitSignal = DispatchSemaphore(value: 0)
+    private var started = false
+
+    // Worker-thread state.
+    private var slots: [RequestSlot]
+    private var freeSlots: [Int]
+    /// The barrier waiting for earlier requests to finish; nothing new is taken meanwhile.
+    private var heldBarrier: Int?
+    private var moreToDo = true
+    private var submissionsQueued = false
+    private var responsesQueued = false
+    private var halted = false
+    private var segments: [BlkifSegment] = []
+    private var lastWarning: UInt64 = 0
+
+    /// Takes ownership of `eventChannels` (bound to `localPort`) and `ringMapping`; releases
+    /// them in `release()` once the thread has stopped.
+    init(queue: Int, localPort: UInt32, eventChannels: any EventChannels, grants: any GrantMapper,
+         ringMapping: GrantMapping, protocol abi: BlkifProtocol, device: DeviceContext, logger: Logger) throws {
+        let shared = SharedRing(memory: ringMapping.base, pageCount: ringMapping.pageCount, protocol: abi)
+        let chunksPerRequest = max(1, (max(device.limits.maxIndirectSegments, Blkif.maxSegmentsPerRequest)
+                                       + Self.maxVectorsPerSubmission - 1) / Self.maxVectorsPerSubmission)
+        // Every slot's submissions fit at once, so the completion queue never overflows.
+        uring = try IOURing(entries: shared.size * UInt32(chunksPerRequest))
+        let descriptor = eventfd(0, Int32(EFD_NONBLOCK | EFD_CLOEXEC))
+        guard descriptor >= 0 else { throw SystemCallError(operation: "eventfd") }
+        wakeup = descriptor
+        self.queue = queue
+        self.localPort = localPort
+        self.eventChannels = eventChannels
+        self.grants = grants
+        self.ringMapping = ringMapping
+        self.device = device
+        ring = BackRing(attaching: shared)
+        slots = (0..<Int(shared.size)).map { _ in RequestSlot() }
+        freeSlots = Array((0..<Int(shared.size)).reversed())
+        self.logger = logger
+        self.logger[metadataKey: "queue"] = "\(queue)"
+    }
+
+    deinit { close(wakeup) }
+
+    var inflight: Int { inflightCount.load(ordering: .acquiring) }
+    var hasExited: Bool { exited.load(ordering: .acquiring) }
+
+    func start(name: String) {
+        started = true
+        let thread = Thread { [self] in
+            run()
+            exited.store(true, ordering: .releasing)
+            exitSignal.signal()
+        }
+        thread.name = name
+        thread.start()
+    }
+
+    /// Stop taking requests; the thread exits once the ones in flight are answered.
+    func requestStop() {
+        stopRequested.store(true, ordering: .releasing)
+        var one: UInt64 = 1
+        _ = write(wakeup, &one, 8)
+    }
+
+    /// True once the thread has exited (waiting at most `milliseconds` for it).
+    func waitForExit(milliseconds: Int) -> Bool {
+        hasExited || exitSignal.wait(timeout: .now() + .milliseconds(milliseconds)) == .success
+    }
+
+    /// Once the thread exited (waits for it) or never started: unbind the event channel,
+    /// unmap the ring.
+    func release() {
+        if started && !hasExited { exitSignal.wait() }
+        do { try eventChannels.unbind(localPort) } catch { logger.debug("unbinding port \(localPort): \(error)") }
+        do { try ringMapping.unmap() } catch { logger.warning("unmapping the ring: \(error)") }
+    }
+
+    // MARK: event loop
+
+    private func run() {
+        var descriptors = [pollfd(fd: eventChannels.fileDescriptor, events: Int16(POLLIN), revents: 0),
+                           pollfd(fd: uring.completionDescriptor, events: Int16(POLLIN), revents: 0),
+                           pollfd(fd: wakeup, events: Int16(POLLIN), revents: 0)]
+        while true {
+            let stopping = stopRequested.load(ordering: .acquiring)
+            if stopping && inflight == 0 { break }
+            let canTake = !stopping && !halted && heldBarrier == nil
+            // More to take or to submit: only peek at the descriptors.
+            let timeout: Int32 = (canTake && moreToDo) ? 0 : (submissionsQueued ? 1 : -1)
+            let ready = poll(&descriptors, nfds_t(descriptors.count), timeout)
+            if ready < 0 && errno != EINTR {
+                logger.critical("poll failed: \(String(cString: strerror(errno))); ring stopped")
+                halted = true
+                if inflight == 0 { break }
+                usleep(1000)
+                continue
+            }
+            if descriptors[2].revents != 0 {
+                var count: UInt64 = 0
+                _ = read(wakeup, &count, 8)
+            }
+            if descriptors[0].revents != 0 { takeEvents() }
+            if descriptors[1].revents != 0 { uring.drainSignal() }
+            reapCompletions()
+            if !stopRequested.load(ordering: .acquiring) && !halted && heldBarrier == nil && moreToDo {
+                takeRequests()
+            }
+            submit()
+            pushResponses()
+        }
+        logger.debug("ring worker stopped")
+    }
+
+    /// Drains the handle's pending ports and unmasks ours again; a later event while we work
+    /// only makes the next poll return at once.
+    private func takeEvents() {
+        do {
+            for port in try eventChannels.pending() {
+                try eventChannels.unmask(port)
+                if port == localPort { moreToDo = true }
+            }
+        } catch {
+            warn("event channel: \(error)")
+        }
+    }
+
+    // MARK: taking requests (__do_block_io_op)
+
+    private func takeRequests() {
+        var taken = 0
+        do {
+            while true {
+                if try ring.unconsumedRequests() == 0 {
+                    // RING_FINAL_CHECK_FOR_REQUESTS: arm req_event, then look once more.
+                    guard try ring.finalCheckForRequests() else { moreToDo = false; return }
+                }
+                while let request = ring.takeRequest() {
+                    dispatch(request)
+                    taken += 1
+                    if heldBarrier != nil { return }
+                    if taken >= Self.requestBudget { return }  // moreToDo stays true
+                }
+            }
+        } catch {
+            logger.error("frontend broke the ring protocol (\(error)); no longer serving this ring")
+            halted = true
+            moreToDo = false
+        }
+    }
+
+    private func dispatch(_ request: BlkifRequest) {
+        guard let index = freeSlots.popLast() else {
+            // Cannot happen while slots equal ring entries; answer rather than lose the request.
+            respondNow(request, .error)
+            return
+        }
+        let slot = slots[index]
+        slot.id = request.id
+        slot.operation = request.operation
+        slot.status = .okay
+        slot.started = DispatchTime.now().uptimeNanoseconds
+        slot.outstanding = 0
+        slot.transferred = 0
+        slot.flushAfter = false
+        slot.bytes = 0
+        slot.vectorCount = 0
+        inflightCount.add(1, ordering: .releasing)
+        statistics.update { $0.inflight += 1 }
+
+        switch request {
+        case .other(let operation, _):
+            slot.kind = nil
+            fail(index, .notSupported, "unsupported operation \(operation.rawValue)")
+        case .readWrite(let rw):
+            let kind: BlockOperationKind = rw.operation == .read ? .read : rw.operation == .write ? .write : .flush
+            slot.kind = kind
+            count(kind)
+            do throws(BlkifRequestError) { try request.validate(for: device.limits) } catch {
+                return fail(index, error.responseStatus, "\(error)")
+            }
+            if (rw.operation == .writeBarrier && !device.features.barrier) || (rw.operation == .flushDiskCache && !device.features.flush) {
+                return fail(index, .notSupported, "\(rw.operation) not offered")
+            }
+            segments.removeAll(keepingCapacity: true)
+            segments.append(contentsOf: rw.segments)
+            prepareTransfer(index, isWrite: rw.operation != .read, sectorNumber: rw.sectorNumber)
+        case .indirect(let indirect):
+            let kind: BlockOperationKind = indirect.indirectOperation == .read ? .read : .write
+            slot.kind = kind
+            count(kind)
+            do throws(BlkifRequestError) { try request.validate(for: device.limits) } catch {
+                return fail(index, error.responseStatus, "\(error)")
+            }
+            guard readIndirectSegments(indirect, slot: index) else { return }
+            prepareTransfer(index, isWrite: indirect.indirectOperation == .write, sectorNumber: indirect.sectorNumber)
+        case .discard(let discard):
+            slot.kind = .discard
+            count(.discard)
+            guard device.features.discard, !discard.secure else {
+                return fail(index, .notSupported, discard.secure ? "secure discard not offered" : "discard not offered")
+            }
+            do throws(BlkifRequestError) { try request.validate(for: device.limits) } catch {
+                return fail(index, error.responseStatus, "\(error)")
+            }
+            guard discard.nrSectors > 0 else { return finish(index) }
+            slot.offset = discard.sectorNumber * UInt64(Blkif.sectorSize)
+            slot.discardLength = discard.nrSectors * UInt64(Blkif.sectorSize)
+            slot.stage = .discard
+            submitStage(index)
+        }
+    }
+
+    private func count(_ kind: BlockOperationKind) {
+        statistics.update {
+            switch kind {
+            case .read: $0.readRequests += 1
+            case .write: $0.writeRequests += 1
+            case .flush: $0.flushRequests += 1
+            case .discard: $0.discardRequests += 1
+            }
+        }
+    }
+
+    /// Maps the indirect pages read-only, reads the segments once, unmaps, validates.
+    private func readIndirectSegments(_ request: BlkifRequest.Indirect, slot index: Int) -> Bool {
+        let pages: GrantMapping
+        do {
+            pages = try grants.map(domain: device.domid, refs: Array(request.indirectGrefs), writable: false)
+        } catch {
+            fail(index, .error, "mapping indirect pages: \(error)")
+            return false
+        }
+        BlkifIndirectPage.readSegments(of: request, pages: (0..<pages.pageCount).map { UnsafeRawPointer(pages.page($0)) },
+                                       into: &segments)
+        do { try pages.unmap() } catch { warn("unmapping indirect pages: \(error)") }
+        do throws(BlkifRequestError) { try request.validate(segments: segments, for: device.limits) } catch {
+            fail(index, error.responseStatus, "\(error)")
+            return false
+        }
+        return true
+    }
+
+    /// READ, WRITE, WRITE_BARRIER, FLUSH_DISKCACHE (with or without data), direct or indirect,
+    /// with `segments` validated.
+    private func prepareTransfer(_ index: Int, isWrite: Bool, sectorNumber: UInt64) {
+        let slot = slots[index]
+        let block = device.sectorsPerBlock
+        if block > 1 {
+            // Misaligned to sector-size (Linux blkback refuses it too); O_DIRECT needs it.
+            let aligned = sectorNumber % block == 0 && segments.allSatisfy {
+                UInt64($0.firstSect) % block == 0 && $0.sectorCount % block == 0
+            }
+            guard aligned else { return fail(index, .error, "misaligned request") }
+        }
+        let barrier = slot.operation == .writeBarrier
+        // FLUSH_DISKCACHE carrying data is blkfront's FUA write: write, then flush. A barrier
+        // additionally waits for everything before it (Linux blkback drains, then writes).
+        slot.flushAfter = barrier || slot.operation == .flushDiskCache
+        slot.isWrite = isWrite
+        slot.offset = sectorNumber * UInt64(Blkif.sectorSize)
+        if !segments.isEmpty {
+            do {
+                // READ fills the guest's pages: writable mapping; WRITE only reads them.
+                slot.mapping = try grants.map(domain: device.domid, refs: segments.map(\.gref), writable: !isWrite)
+            } catch {
+                return fail(index, .error, "mapping data pages: \(error)")
+            }
+            buildVectors(slot)
+            let sectors = slot.bytes / UInt64(Blkif.sectorSize)
+            statistics.update { if isWrite { $0.writeSectors += sectors } else { $0.readSectors += sectors } }
+        }
+        slot.stage = slot.vectorCount > 0 ? .data : .flush
+        if barrier {
+            slot.stage = .waitingForDrain
+            heldBarrier = index
+            startBarrierIfDrained()
+        } else {
+            submitStage(index)
+        }
+    }
+
+    /// One iovec per segment (page base + first_sect × 512), merged where segments meet in
+    /// the contiguous mapping.
+    private func buildVectors(_ slot: RequestSlot) {
+        guard let mapping = slot.mapping else { return }
+        slot.reserveVectors(segments.count)
+        var count = 0
+        var total: UInt64 = 0
+        for (page, segment) in segments.enumerated() {
+            let start = mapping.page(page) + Int(segment.firstSect) * Blkif.sectorSize
+            let length = Int(segment.sectorCount) * Blkif.sectorSize
+            if count > 0, let previous = slot.vectors[count - 1].iov_base, previous + slot.vectors[count - 1].iov_len == start {
+                slot.vectors[count - 1].iov_len += length
+            } else {
+                slot.vectors[count] = iovec(iov_base: start, iov_len: length)
+                count += 1
+            }
+            total += UInt64(length)
+        }
+        slot.vectorCount = count
+        slot.bytes = total
+    }
+
+    private func startBarrierIfDrained() {
+        guard let index = heldBarrier, slots[index].stage == .waitingForDrain, inflight == 1 else { return }
+        slots[index].stage = slots[index].vectorCount > 0 ? .data : .flush
+        submitStage(index)
+    }
+
+    // MARK: io_uring
+
+    private func tag(_ index: Int) -> UInt64 { UInt64(index) }
+
+    private func submitStage(_ index: Int) {
+        let slot = slots[index]
+        do {
+            switch slot.stage {
+            case .data:
+                var vector = 0
+                var offset = slot.offset
+                while vector < slot.vectorCount {
+                    let count = min(Self.maxVectorsPerSubmission, slot.vectorCount - vector)
+                    let pointer = UnsafePointer(slot.vectors + vector)
+                    if slot.isWrite {
+                        try uring.write(device.descriptor, pointer, count: count, offset: offset, tag: tag(index))
+                    } else {
+                        try uring.read(device.descriptor, pointer, count: count, offset: offset, tag: tag(index))
+                    }
+                    slot.outstanding += 1
+                    for i in vector..<(vector + count) { offset += UInt64(slot.vectors[i].iov_len) }
+                    vector += count
+                }
+            case .flush:
+                try uring.flush(device.descriptor, tag: tag(index))
+                slot.outstanding += 1
+            case .discard:
+                try uring.punchHole(device.descriptor, offset: slot.offset, length: slot.discardLength, tag: tag(index))
+                slot.outstanding += 1
+            case .idle, .waitingForDrain:
+                return
+            }
+            submissionsQueued = true
+        } catch {
+            warn("queueing I/O: \(error)")
+            slot.status = .error
+            if slot.outstanding == 0 { finish(index) }
+        }
+    }
+
+    private func submit() {
+        guard submissionsQueued else { return }
+        do {
+            try uring.submit()
+            submissionsQueued = false
+        } catch let error as SystemCallError where error.errno == EAGAIN || error.errno == EBUSY {
+            statistics.update { $0.outOfResources += 1 }
+        } catch {
+            logger.critical("io_uring submission failed: \(error)")
+            submissionsQueued = false
+            halted = true
+        }
+    }
+
+    private func reapCompletions() {
+        uring.reapCompletions { completion in
+            let index = Int(completion.tag)
+            let slot = slots[index]
+            slot.outstanding -= 1
+            if completion.result < 0 {
+                if slot.status == .okay {
+                    slot.status = completion.result == -EOPNOTSUPP ? .notSupported : .error
+                    warn("\(slot.operation) at byte \(slot.offset) failed: \(String(cString: strerror(-completion.result)))")
+                }
+            } else if slot.stage == .data {
+                slot.transferred += UInt64(completion.result)
+            }
+            guard slot.outstanding == 0 else { return }
+            if slot.stage == .data && slot.status == .okay && slot.transferred != slot.bytes {
+                warn("short \(slot.isWrite ? "write" : "read") at byte \(slot.offset): \(slot.transferred) of \(slot.bytes) bytes")
+                slot.status = .error
+            }
+            if slot.stage == .data && slot.status == .okay && slot.flushAfter {
+                slot.stage = .flush
+                submitStage(index)
+            } else {
+                finish(index)
+            }
+        }
+        startBarrierIfDrained()
+    }
+
+    // MARK: responses (make_response)
+
+    private func fail(_ index: Int, _ status: BlkifResponseStatus, _ why: String) {
+        logger.debug("request \(slots[index].id) refused: \(why)")
+        slots[index].status = status
+        finish(index)
+    }
+
+    /// Unmaps the request's pages, then answers it (the guest may reuse them once answered).
+    private func finish(_ index: Int) {
+        let slot = slots[index]
+        if let mapping = slot.mapping {
+            do { try mapping.unmap() } catch { warn("unmapping data pages: \(error)") }
+            slot.mapping = nil
+        }
+        ring.putResponse(BlkifResponse(id: slot.id, operation: slot.operation, status: slot.status))
+        responsesQueued = true
+        let elapsed = DispatchTime.now().uptimeNanoseconds &- slot.started
+        let failed = slot.status != .okay
+        let kind = slot.kind
+        statistics.update {
+            $0.inflight -= 1
+            if failed { $0.errors += 1 }
+            if let kind { $0.latency[kind.rawValue].record(nanoseconds: elapsed) }
+        }
+        if heldBarrier == index {
+            heldBarrier = nil
+            moreToDo = true
+        }
+        slot.stage = .idle
+        freeSlots.append(index)
+        inflightCount.subtract(1, ordering: .releasing)
+    }
+
+    /// Answers a request that got no slot.
+    private func respondNow(_ request: BlkifRequest, _ status: BlkifResponseStatus) {
+        ring.putResponse(BlkifResponse(answering: request, status: status))
+        responsesQueued = true
+        statistics.update { $0.errors += 1 }
+    }
+
+    private func pushResponses() {
+        guard responsesQueued else { return }
+        responsesQueued = false
+        if ring.pushResponsesAndCheckNotify() {
+            do { try eventChannels.notify(localPort) } catch { warn("notifying the frontend: \(error)") }
+        }
+    }
+
+    /// A warning at most once a second per ring, so a hostile frontend cannot flood the log.
+    private func warn(_ message: String) {
+        let now = DispatchTime.now().uptimeNanoseconds
+        if now &- lastWarning >= 1_000_000_000 || lastWarning == 0 {
+            lastWarning = now
+            logger.warning("\(message)")
+        } else {
+            logger.debug("\(message)")
+        }
+    }
+}
