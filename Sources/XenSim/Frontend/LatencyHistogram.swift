@@ -22,7 +22,8 @@ public struct LatencyHistogram: Sendable {
     /// (the bucket's upper bound, capped at the maximum seen); 0 when empty.
     public func percentile(_ percent: Double) -> UInt64 {
         guard count > 0 else { return 0 }
-        let rank = max(1, UInt64((percent / 100 * Double(count)).rounded(.up)))
+        // The epsilon keeps 99.9 % of 10000 at rank 9990 despite binary floating point.
+        let rank = max(1, UInt64((percent / 100 * Double(count) - 1e-6).rounded(.up)))
         var seen: UInt64 = 0
         for (index, bucketCount) in counts.enumerated() where bucketCount > 0 {
             seen += bucketCount

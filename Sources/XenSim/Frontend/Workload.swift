@@ -127,6 +127,7 @@ public struct Workload: Sendable {
     /// No more I/O will be issued (time or bytes used up, verify done, or `stop()`).
     public var exhausted: Bool {
         if stopped { return true }
+        if flushDue { return false }  // the flush owed for the last writes still goes out
         if configuration.kind == .verify { return verifyPhase == .done }
         if let limit = byteLimit, bytesIssued >= limit { return true }
         return false
