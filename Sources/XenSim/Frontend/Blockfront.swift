@@ -294,10 +294,15 @@ public final class Blockfront {
     /// take every grant back. Returns grants still mapped by the backend.
     @discardableResult
     public func close() -> Int {
-        try? switchState(.closing)
-        _ = try? waitForBackend("Closing") { $0 == nil || $0 == .closing || $0 == .closed }
-        try? switchState(.closed)
-        _ = try? waitForBackend("Closed") { $0 == nil || $0 == .closed || $0 == .initWait }
+        // Already Closed (the backend closed first), or the toolstack removed our directory:
+        // nothing to say, and writing would recreate nodes of a removed device.
+        let present = ((try? store.read("\(frontendPath)/backend")) ?? nil) != nil
+        if present, ((try? frontendState()) ?? nil) != .closed {
+            try? switchState(.closing)
+            _ = try? waitForBackend("Closing") { $0 == nil || $0 == .closing || $0 == .closed }
+            try? switchState(.closed)
+            _ = try? waitForBackend("Closed") { $0 == nil || $0 == .closed || $0 == .initWait }
+        }
         releaseRings()
         return pages.retryBusy()
     }

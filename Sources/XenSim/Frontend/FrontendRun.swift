@@ -377,8 +377,10 @@ public final class FrontendRun {
         guard try device.backendState() != nil, device.backendOnline() else {
             throw FrontendFailure("the device was detached during the workload (backend \(negotiated.backendPath) is going away)")
         }
-        try device.waitForBackend("Closed", timeout: configuration.reconnectTimeout, fail: { $0 == nil }) {
-            $0 == .closed || $0 == .initWait
+        // Wait for the backend to offer the device again by itself (InitWait). Knocking with
+        // Initialising would reopen a device an operator closed on purpose.
+        try device.waitForBackend("InitWait again", timeout: configuration.reconnectTimeout, fail: { $0 == nil }) {
+            $0 == .initWait
         }
         log("reconnecting to \(negotiated.backendPath)")
         let again = try device.connect()
