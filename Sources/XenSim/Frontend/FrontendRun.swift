@@ -298,7 +298,7 @@ public final class FrontendRun {
                 _ = try queue.ring.unconsumedResponses()
                 while let response = queue.ring.takeResponse() { complete(response, on: queue.index) }
             } while try queue.ring.finalCheckForResponses()
-        } catch let error as BlkifRingError {
+        } catch {
             throw FrontendFailure("backend broke the ring protocol on queue \(queue.index): \(error)")
         }
     }
