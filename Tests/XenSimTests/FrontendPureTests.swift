@@ -77,12 +77,12 @@ import Testing
 
 @Suite struct FrontendLatencyTests {
     @Test func emptyHistogramReportsZero() {
-        let histogram = LatencyHistogram()
+        let histogram = LatencyPercentiles()
         #expect(histogram.percentile(50) == 0 && histogram.percentile(99.9) == 0)
     }
 
     @Test func smallValuesAreExact() {
-        var histogram = LatencyHistogram()
+        var histogram = LatencyPercentiles()
         for value in 1...50 { histogram.record(nanoseconds: UInt64(value)) }
         #expect(histogram.percentile(50) == 25)
         #expect(histogram.percentile(100) == 50)
@@ -90,7 +90,7 @@ import Testing
     }
 
     @Test func percentilesOfAUniformSpreadWithinOnePointSixPercent() {
-        var histogram = LatencyHistogram()
+        var histogram = LatencyPercentiles()
         for value in 1...100_000 { histogram.record(nanoseconds: UInt64(value) * 1000) }
         for (percent, exact) in [(50.0, 50_000_000.0), (99.0, 99_000_000.0), (99.9, 99_900_000.0)] {
             let found = Double(histogram.percentile(percent))
@@ -102,7 +102,7 @@ import Testing
     }
 
     @Test func tailIsSeenInP999ButNotP99() {
-        var histogram = LatencyHistogram()
+        var histogram = LatencyPercentiles()
         for _ in 0..<9990 { histogram.record(nanoseconds: 100_000) }
         for _ in 0..<10 { histogram.record(nanoseconds: 50_000_000) }
         #expect(histogram.percentile(99) < 102_000)
@@ -112,11 +112,11 @@ import Testing
 
     @Test func bucketsCoverEveryValueAndBoundsContainThem() {
         for value: UInt64 in [0, 1, 63, 64, 65, 127, 128, 1000, 123_456_789, UInt64.max / 3, UInt64.max] {
-            let bucket = LatencyHistogram.bucket(of: value)
-            #expect(LatencyHistogram.upperBound(of: bucket) >= value)
-            #expect(bucket == 0 || LatencyHistogram.upperBound(of: bucket - 1) < value)
+            let bucket = LatencyPercentiles.bucket(of: value)
+            #expect(LatencyPercentiles.upperBound(of: bucket) >= value)
+            #expect(bucket == 0 || LatencyPercentiles.upperBound(of: bucket - 1) < value)
         }
-        var histogram = LatencyHistogram()
+        var histogram = LatencyPercentiles()
         histogram.record(nanoseconds: .max)
         #expect(histogram.percentile(50) == .max)
     }

@@ -99,7 +99,7 @@ public final class FrontendRun {
     private var nextQueue = 0
     private var queueDepth: Int
     private var flushSupported: Bool
-    private var latency = LatencyHistogram()
+    private var latency = LatencyPercentiles()
     private var report: FrontendReport
     private var lastProgress = monotonicNanoseconds()
 

@@ -1,7 +1,7 @@
 /// Request latencies in a log-linear histogram (like HdrHistogram): each power of two from
 /// 1 ns up is split into 64 buckets, so a percentile is exact to within 1/64 (1.6 %) while
 /// memory stays fixed however long the workload runs.
-public struct LatencyHistogram: Sendable {
+public struct LatencyPercentiles: Sendable {
     static let subBucketBits = 6
     static let subBuckets = 1 << subBucketBits
     private var counts = [UInt64](repeating: 0, count: (64 - subBucketBits + 1) * (1 << subBucketBits))
