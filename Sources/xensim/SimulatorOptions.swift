@@ -8,15 +8,15 @@ struct SimulatorOptions: ParsableArguments {
     @Option(help: "The simulator's directory (as given to `xensim run`).")
     var dir: String
 
-    var xenstoredSocket: String { URL(fileURLWithPath: dir).appendingPathComponent("xenstored.sock").path }
+    var layout: SimLayout { SimLayout(directory: URL(fileURLWithPath: dir).standardizedFileURL.path) }
 
     /// A dom0 xenstore connection to this simulator's xenstored.
-    func connectAsDom0() throws -> XenStore {
-        setenv("XENSTORED_PATH", xenstoredSocket, 1)
+    func connectAsDom0() -> XenStore {
+        setenv("XENSTORED_PATH", layout.xenstoredSocket, 1)
         do {
             return try XenStore()
         } catch {
-            throw ValidationError("cannot connect to xenstored at \(xenstoredSocket): \(error); start it with `xensim run --dir \(dir) --detach`")
+            fail("cannot connect to xenstored at \(layout.xenstoredSocket): \(error); start it with `xensim run --dir \(dir) --detach`")
         }
     }
 }
@@ -26,10 +26,14 @@ func runToolstack(_ body: () throws -> Void) throws {
     do {
         try body()
     } catch let failure as Toolstack.Failure {
-        FileHandle.standardError.write(Data("xensim: \(failure.description)\n".utf8))
-        throw ExitCode.failure
+        fail(failure.description)
     } catch let error as XenStoreError {
-        FileHandle.standardError.write(Data("xensim: \(error.description)\n".utf8))
-        throw ExitCode.failure
+        fail(error.description)
     }
+}
+
+/// One line on stderr and exit status 1, the way every xensim verb reports a failure.
+func fail(_ message: String) -> Never {
+    FileHandle.standardError.write(Data("xensim: \(message)\n".utf8))
+    Foundation.exit(1)
 }

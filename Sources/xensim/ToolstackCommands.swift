@@ -18,9 +18,9 @@ struct DomainCommand: ParsableCommand {
         @Option(help: "The domain's name (default: guest<N>).") var name: String?
 
         func run() throws {
-            let store = try simulator.connectAsDom0()
+            let store = simulator.connectAsDom0()
             try runToolstack {
-                try Toolstack(store: store).createDomain(domid, name: name ?? "guest\(domid)")
+                try Toolstack(store: store, hypervisor: simulator.layout).createDomain(domid, name: name ?? "guest\(domid)", memoryMB: memoryMb)
             }
         }
     }
@@ -31,9 +31,9 @@ struct DomainCommand: ParsableCommand {
         @Option(help: "The domain to destroy.") var domid: UInt32
 
         func run() throws {
-            let store = try simulator.connectAsDom0()
+            let store = simulator.connectAsDom0()
             try runToolstack {
-                try Toolstack(store: store, log: toolstackLog).destroyDomain(domid)
+                try Toolstack(store: store, hypervisor: simulator.layout, log: toolstackLog).destroyDomain(domid)
             }
         }
     }
@@ -58,10 +58,10 @@ struct AttachCommand: ParsableCommand {
     }
 
     func run() throws {
-        let store = try simulator.connectAsDom0()
+        let store = simulator.connectAsDom0()
         let target = URL(fileURLWithPath: target).standardizedFileURL.path
         try runToolstack {
-            try Toolstack(store: store, log: toolstackLog).attach(.init(
+            try Toolstack(store: store, hypervisor: simulator.layout, log: toolstackLog).attach(.init(
                 domid: domid, devid: devid, target: target, writable: mode == "w", kind: kind, cdrom: cdrom))
         }
     }
@@ -78,9 +78,9 @@ struct DetachCommand: ParsableCommand {
     @Option(help: "The backend kind.") var kind: String = "vbd"
 
     func run() throws {
-        let store = try simulator.connectAsDom0()
+        let store = simulator.connectAsDom0()
         try runToolstack {
-            try Toolstack(store: store, log: toolstackLog).detach(domid: domid, devid: devid, kind: kind)
+            try Toolstack(store: store, hypervisor: simulator.layout, log: toolstackLog).detach(domid: domid, devid: devid, kind: kind)
         }
     }
 }

@@ -5,6 +5,7 @@ struct XenSimCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "xensim",
         abstract: "A simulated Xen: xenstored, hypervisor services, toolstack and guests, all under one directory.",
-        subcommands: [DomainCommand.self, AttachCommand.self, DetachCommand.self, FrontendCommand.self]
+        subcommands: [RunCommand.self, StopCommand.self, DomainCommand.self, AttachCommand.self, DetachCommand.self,
+                      FrontendCommand.self]
     )
 }

@@ -37,11 +37,15 @@ public struct Toolstack {
     public static let destroyTimeout: TimeInterval = 10
 
     let store: XenStore
+    /// The simulated hypervisor whose domains this toolstack builds and destroys.
+    let hypervisor: SimLayout
     let backendDomid: UInt32
     let log: (String) -> Void
 
-    public init(store: XenStore, backendDomid: UInt32 = 0, log: @escaping (String) -> Void = { _ in }) {
+    public init(store: XenStore, hypervisor: SimLayout, backendDomid: UInt32 = 0,
+                log: @escaping (String) -> Void = { _ in }) {
         self.store = store
+        self.hypervisor = hypervisor
         self.backendDomid = backendDomid
         self.log = log
     }
@@ -58,11 +62,17 @@ public struct Toolstack {
 
     // MARK: domains
 
-    /// Builds /local/domain/N (owned by N) and introduces the domain to xenstored, which
-    /// fires @introduceDomain and opens the domain's own xenstore connection.
-    public func createDomain(_ domid: UInt32, name: String) throws {
-        guard domid != 0, domid < 0x7FF0 else { throw Failure("domid \(domid) is not a guest domain id (1..32751)") }
+    /// Builds the domain in the hypervisor (memory, grant table), then /local/domain/N (owned
+    /// by N), and introduces it to xenstored, which fires @introduceDomain and opens the
+    /// domain's own xenstore and event-channel sockets.
+    public func createDomain(_ domid: UInt32, name: String, memoryMB: Int) throws {
+        guard domid != 0, domid <= SimDomain.maxDomid else { throw Failure("domid \(domid) is not a guest domain id (1..\(SimDomain.maxDomid))") }
         if store.isDomainIntroduced(domid) { throw Failure("domain \(domid) already exists; destroy it first") }
+        do {
+            try SimDomain.createDomain(directory: hypervisor.directory, domid: domid, memoryMB: memoryMB)
+        } catch {
+            throw Failure("cannot build domain \(domid): \(error)")
+        }
         let path = Self.domainPath(domid)
         let owned = [XenStorePermission(domid: domid, access: .none)]
         try store.transaction { tx in
@@ -91,10 +101,15 @@ public struct Toolstack {
                 if let number = UInt32(devid) { devices.append((kind, number)) }
             }
         }
+        // The guest is killed first (xl destroy is not a shutdown): its frontends vanish, which
+        // a backend sees as frontend state Unknown and answers by closing.
+        for (kind, devid) in devices { try store.remove(Self.frontendPath(kind: kind, domid: domid, devid: devid)) }
         try removeDevices(domid: domid, devices: devices)
         try store.releaseDomain(domid)
         try store.remove(Self.domainPath(domid))
         for (kind, _) in devices { try store.remove("\(backendRoot)/\(kind)/\(domid)") }
+        // The domain's pages go last, as Xen frees them only once nothing maps them.
+        try? SimDomain.destroyDomain(directory: hypervisor.directory, domid: domid)
     }
 
     // MARK: disks

@@ -1,7 +1,11 @@
 import Glibc
 
-/// Where the simulated hypervisor keeps its state under `--sim DIR` / `xensim --dir DIR`:
+/// Where one simulator keeps its state: everything lives under the directory given to
+/// `xensim run --dir DIR` (and `blkback-server --sim DIR`):
 ///
+///     DIR/xenstored.sock            dom0's (privileged) xenstored socket (XENSTORED_PATH)
+///     DIR/dom<N>.sock               domain N's xenstored socket, while N is introduced
+///     DIR/xensim.pid, xensim.log    the running `xensim run` and its detached output
 ///     DIR/domains/<N>/memory        guest N's RAM: page-count × 4 KiB, shared by mmap
 ///     DIR/domains/<N>/grant-table   guest N's grant table: struct grant_entry_v1[entries]
 ///     DIR/domains/<N>/grant-active  hypervisor-private pin counts per ref (guest never maps it)
@@ -17,6 +21,10 @@ public struct SimLayout: Sendable {
 
     public init(directory: String) { self.directory = directory }
 
+    public var xenstoredSocket: String { "\(directory)/xenstored.sock" }
+    public func guestSocket(_ domid: UInt32) -> String { "\(directory)/dom\(domid).sock" }
+    public var pidFile: String { "\(directory)/xensim.pid" }
+    public var logFile: String { "\(directory)/xensim.log" }
     public var domainsDirectory: String { "\(directory)/domains" }
     public func domainDirectory(_ domid: UInt32) -> String { "\(domainsDirectory)/\(domid)" }
     public func memory(_ domid: UInt32) -> String { "\(domainDirectory(domid))/memory" }
