@@ -109,14 +109,22 @@ import Testing
     }
 
     @Test func daemonWithoutXenstoreExitsWithOneLine() throws {
-        let directory = try Harness.temporaryDirectory("no-xenstored")
-        defer { try? FileManager.default.removeItem(at: directory) }
-        let result = try Harness.run(Harness.executable("blkback-server"), [],
-                                     environment: ["XENSTORED_PATH": directory.appendingPathComponent("none.sock").path],
+        // Hypervisor services are there (the simulator's), xenstored is not where it is told to look.
+        let sim = try Simulator("no-xenstored")
+        defer { sim.stop() }
+        let result = try Harness.run(Harness.executable("blkback-server"), ["--sim", sim.path],
+                                     environment: ["XENSTORED_PATH": sim.directory.appendingPathComponent("none.sock").path],
                                      timeout: 20)
         #expect(result.status == 1)
-        let lines = result.stderr.split(separator: "\n")
-        #expect(lines.count == 1, "stderr: \(result.stderr)")
+        #expect(result.stderr.split(separator: "\n").count == 1, "stderr: \(result.stderr)")
         #expect(result.stderr.contains("xenstore"))
+    }
+
+    @Test func daemonWithoutXenDevicesExitsTwoWithOneLine() throws {
+        guard !FileManager.default.fileExists(atPath: "/dev/xen/gntdev") else { return }
+        let result = try Harness.run(Harness.executable("blkback-server"), [], timeout: 20)
+        #expect(result.status == 2)
+        #expect(result.stderr.split(separator: "\n").count == 1, "stderr: \(result.stderr)")
+        #expect(result.stderr.contains("/dev/xen/gntdev") && result.stderr.contains("xen-gntdev"))
     }
 }
