@@ -94,7 +94,9 @@ public struct Workload: Sendable {
         guard configuration.offset < diskBytes else {
             throw WorkloadError("--offset \(configuration.offset) is beyond the disk (\(diskBytes) bytes)")
         }
-        let size = min(configuration.size ?? diskBytes, diskBytes - configuration.offset)
+        var size = min(configuration.size ?? diskBytes, diskBytes - configuration.offset)
+        // verify writes then reads its region once: --bytes sizes that region.
+        if configuration.kind == .verify, let bytes = configuration.bytes { size = min(size, bytes) }
         let blocks = size / UInt64(bs)
         guard blocks > 0 else {
             throw WorkloadError("the region (\(size) bytes at offset \(configuration.offset)) holds no block of \(bs) bytes")
