@@ -84,8 +84,8 @@ public final class SimEventChannels: EventChannels, @unchecked Sendable {
     }
 
     public func notify(_ localPort: UInt32) throws {
-        if try signal(localPort) { return }
-        // The bind that connected our port may still sit unread on the broker socket.
+        // The broker's news comes first: a peer that unbound and bound again has a new
+        // eventfd, and signalling the old one would lose the event.
         try channel.withLock { try drainBroker(&$0) }
         _ = try signal(localPort)
     }
