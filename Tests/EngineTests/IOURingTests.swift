@@ -3,6 +3,18 @@ import Foundation
 import Testing
 
 @Suite struct IOURingTests {
+    /// Waits on the ring's eventfd, as a worker does, until `count` completions are in.
+    func awaitCompletions(_ ring: IOURing, count: Int) -> [UInt64: Int32] {
+        var results: [UInt64: Int32] = [:]
+        while results.count < count {
+            var poller = pollfd(fd: ring.completionDescriptor, events: Int16(POLLIN), revents: 0)
+            guard poll(&poller, 1, 5000) == 1 else { break }
+            ring.drainSignal()
+            ring.reapCompletions { results[$0.tag] = $0.result }
+        }
+        return results
+    }
+
     @Test func writeReadFlushAndPunchHoleOnARealFile() throws {
         let path = NSTemporaryDirectory() + "uring-\(UUID().uuidString)"
         let descriptor = open(path, O_RDWR | O_CREAT | O_TRUNC, 0o600)
@@ -20,26 +32,14 @@ import Testing
         try ring.write(descriptor, &vectors, count: 1, offset: 65536, tag: 1)
         try ring.flush(descriptor, tag: 2)
         try ring.submit()
-        var results: [UInt64: Int32] = [:]
-        while results.count < 2 {
-            var poller = pollfd(fd: ring.completionDescriptor, events: Int16(POLLIN), revents: 0)
-            #expect(poll(&poller, 1, 5000) == 1)
-            ring.drainSignal()
-            ring.reapCompletions { results[$0.tag] = $0.result }
-        }
+        var results = awaitCompletions(ring, count: 2)
         #expect(results[1] == 4096)
         #expect(results[2] == 0)
 
         try withUnsafePointer(to: &vectors[1]) { try ring.read(descriptor, $0, count: 1, offset: 65536, tag: 3) }
         try ring.punchHole(descriptor, offset: 0, length: 4096, tag: 4)
         try ring.submit()
-        results = [:]
-        while results.count < 2 {
-            var poller = pollfd(fd: ring.completionDescriptor, events: Int16(POLLIN), revents: 0)
-            #expect(poll(&poller, 1, 5000) == 1)
-            ring.drainSignal()
-            ring.reapCompletions { results[$0.tag] = $0.result }
-        }
+        results = awaitCompletions(ring, count: 2)
         #expect(results[3] == 4096)
         #expect(results[4] == 0)
         #expect(memcmp(page, page + 4096, 4096) == 0)

@@ -31,24 +31,11 @@ enum Harness {
     @discardableResult
     static func run(_ program: String, _ arguments: [String], environment: [String: String] = [:],
                     timeout: TimeInterval = 60) throws -> Result {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: program.hasPrefix("/") ? program : try which(program))
-        process.arguments = arguments
-        process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
-        let out = Pipe(), err = Pipe()
-        process.standardOutput = out
-        process.standardError = err
-        try process.run()
-        // Drain both pipes while waiting so a chatty child never blocks on a full pipe.
-        let outData = OutputCollector(out.fileHandleForReading), errData = OutputCollector(err.fileHandleForReading)
-        let deadline = Date().addingTimeInterval(timeout)
-        while process.isRunning && Date() < deadline { usleep(10_000) }
-        if process.isRunning {
-            kill(process.processIdentifier, SIGKILL)
-            process.waitUntilExit()
-        }
-        process.waitUntilExit()
-        return Result(status: process.terminationStatus, stdout: outData.finish(), stderr: errData.finish())
+        let child = try BackgroundProcess(program.hasPrefix("/") ? program : try which(program), arguments,
+                                          environment: environment)
+        let status = child.wait(timeout: timeout)
+        let (stdout, stderr) = child.finishOutput()
+        return Result(status: status, stdout: stdout, stderr: stderr)
     }
 
     static func which(_ name: String) throws -> String {
@@ -117,6 +104,9 @@ final class BackgroundProcess: @unchecked Sendable {
     }
 
     var pid: Int32 { process.processIdentifier }
+
+    /// Everything the process wrote, once it has ended (waits for its pipes to close).
+    func finishOutput() -> (stdout: String, stderr: String) { (stdout.finish(), stderr.finish()) }
     var isRunning: Bool { process.isRunning }
     var output: String { stdout.snapshot() + stderr.snapshot() }
 
