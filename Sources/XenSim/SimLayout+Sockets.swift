@@ -1,3 +1,4 @@
+import CHypervisorShim
 import Engine
 import Glibc
 
