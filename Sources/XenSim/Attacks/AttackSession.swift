@@ -98,11 +98,13 @@ public final class AttackSession {
     }
 
     /// The answer to `id`, or nil when none came within `timeout` (the answer timeout by default).
-    func awaitResponse(_ id: UInt64, timeout: TimeInterval? = nil) throws -> BlkifResponse? {
+    /// `idMask` leaves out id bits the guest itself may have scribbled over: responses share
+    /// the ring entry with the request, so a thread still changing the request hits the answer.
+    func awaitResponse(_ id: UInt64, timeout: TimeInterval? = nil, idMask: UInt64 = .max) throws -> BlkifResponse? {
         let deadline = Date().addingTimeInterval(timeout ?? options.answerTimeout)
         while true {
             try drain()
-            if let response = answered.removeValue(forKey: id) { return response }
+            if let key = answered.keys.first(where: { $0 & idMask == id & idMask }) { return answered.removeValue(forKey: key) }
             let remaining = deadline.timeIntervalSinceNow
             if remaining <= 0 { return nil }
             var fd = pollfd(fd: device.eventChannels.fileDescriptor, events: Int16(POLLIN), revents: 0)

@@ -90,6 +90,8 @@ extension Attack {
         var outcomes = [BlkifResponseStatus: Int]()
         let deadline = Date().addingTimeInterval(max(1, s.options.seconds / 2))
 
+        // The flipped bytes 1...3 share the ring entry with the answer's id: answers are matched
+        // without them.
         // Direct: nr_segments 1 ↔ 11 (segments 2...11 end at sector 9: invalid), sector 0 ↔ UInt64.max - 3.
         // Either version read whole is refused or reads page 1 only; pages 2...11 never change.
         let sectorOffset = layout.sectorNumberOffset
@@ -106,7 +108,7 @@ extension Attack {
                 entry.storeBytes(of: odd ? UInt64.max - 3 : 0, toByteOffset: sectorOffset, as: UInt64.self)
             }
             try s.send(.readWrite(rw))
-            let response = try s.awaitResponse(rw.id)
+            let response = try s.awaitResponse(rw.id, idMask: ~0xFF00)
             flipper.set(nil) { _, _ in }
             guard let response else { throw AttackFailure("a request changed under the backend was never answered") }
             outcomes[response.status, default: 0] += 1
@@ -134,7 +136,7 @@ extension Attack {
                     page.raw.storeBytes(of: odd ? UInt8(15) : 7, toByteOffset: 11 * BlkifSegment.byteCount + 5, as: UInt8.self)
                 }
                 try s.send(request)
-                let response = try s.awaitResponse(request.id)
+                let response = try s.awaitResponse(request.id, idMask: ~0xFFFF_0000)
                 flipper.set(nil) { _, _ in }
                 s.release(indirectPages)
                 guard let response else { throw AttackFailure("an indirect request changed under the backend was never answered") }
