@@ -14,7 +14,7 @@ extension AttackSession {
     }
 
     /// Publishes a hand-made ring description and goes Initialised, as talk_to_blkback would.
-    func publishRing(ringRef: String, eventChannel: String) throws {
+    func publishRing(ringRef: String, eventChannel: String, extra: [(String, String)] = []) throws {
         let path = device.frontendPath
         try store.transaction { tx in
             for name in try store.directory(path, transaction: tx) ?? []
@@ -25,6 +25,7 @@ extension AttackSession {
             try store.write("\(path)/ring-ref", ringRef, transaction: tx)
             try store.write("\(path)/event-channel", eventChannel, transaction: tx)
             try store.write("\(path)/protocol", BlkifProtocol.native.xenstoreValue, transaction: tx)
+            for (key, value) in extra { try store.write("\(path)/\(key)", value, transaction: tx) }
         }
         try device.switchState(.initialised)
     }
@@ -58,14 +59,20 @@ extension AttackSession {
 extension Attack {
     static let stateFlapping = Attack(
         name: "state-flapping",
-        summary: "XSA-350: flip the frontend state among Initialising/Initialised/Connected/Closing/Closed hundreds of times while connecting → no crash, every ring mapping released, a clean negotiation works afterwards"
+        summary: "XSA-350: flip the frontend state among Initialising/Initialised/Connected/Closing/Closed (and values that are no state) hundreds of times while connecting, then with the ring full of reads → no crash, every ring and data mapping released, a clean negotiation works afterwards"
     ) { s in
         try s.connect()
         let states: [XenbusState] = [.initialised, .connected, .closing, .closed, .initialising]
         var generator = SystemRandomNumberGenerator()
         let flips = 600
+        // Now and then a value that is no state at all.
+        let garbage = ["99999999999999999999999", "-1", "", "4 junk", "7", "\u{1}"]
         for flip in 0..<flips {
-            try s.device.switchState(states.randomElement(using: &generator)!)
+            if flip % 50 == 49 {
+                try s.store.write("\(s.device.frontendPath)/state", garbage[(flip / 50) % garbage.count])
+            } else {
+                try s.device.switchState(states.randomElement(using: &generator)!)
+            }
             // Some flips back to back, some spread out so the backend is caught mid-step.
             if flip % 3 == 0 { usleep(UInt32.random(in: 0...3000, using: &generator)) }
         }
@@ -76,12 +83,34 @@ extension Attack {
             throw AttackFailure("after \(flips) state flips and a close, the backend still maps \(left) ring page(s) (leaked mapping)")
         }
         s.log("\(flips) state flips; after closing, every ring page came back; backend \(try s.device.backendState()?.description ?? "gone")")
+
+        // The same with the ring full of large reads: the flips land while they are in flight.
+        try s.connect()
+        let queue = try s.queue
+        var data: [GrantedPage] = []
+        while queue.ring.freeRequestSlots > 0 {
+            let pages = try s.grant(Blkif.maxSegmentsPerRequest)
+            data += pages
+            _ = queue.ring.putRequest(s.readWrite(.read, sector: 0, pages: pages))
+        }
+        _ = queue.ring.pushRequestsAndCheckNotify()
+        try s.device.eventChannels.notify(queue.port)
+        for state in [XenbusState.closing, .closed, .initialising, .initialised, .connected, .closed, .initialised] {
+            try s.device.switchState(state)
+        }
+        s.release(data)  // pages the backend still maps wait aside until it lets go
+        usleep(200_000)
+        let stillMapped = s.closeAndCountMappedGrants()
+        guard stillMapped == 0 else {
+            throw AttackFailure("after state flips with \(queue.ring.shared.size) reads in flight, the backend still maps \(stillMapped) page(s)")
+        }
+        s.log("state flips with \(queue.ring.shared.size) reads in flight: every data and ring page came back")
         try s.verifyStillServed("after the state flips")
     }
 
     static let badRingRef = Attack(
         name: "bad-ring-ref",
-        summary: "ring-ref never granted, granted to another domain, granted read-only, or not a number → the backend goes Closing with an error node, never Connected, maps nothing"
+        summary: "ring-ref never granted, granted to another domain, granted read-only, or not a number; impossible queue count, ring page order or protocol → the backend goes Closing with an error node, never Connected, maps nothing"
     ) { s in
         try s.offerAgain()
         let port = try s.device.eventChannels.allocUnbound(remoteDomain: s.backendId)
@@ -98,7 +127,23 @@ extension Attack {
             try s.publishRing(ringRef: ref, eventChannel: "\(port)")
             try s.expectConnectRefused(what)
         }
-        try s.expectReleased(stranger + readOnly, "bad ring refs")
+        // A good ring page described impossibly: the backend must not map it at all.
+        let ring = try s.pages.grantContiguous(1, to: s.backendId)
+        let shapes: [(String, [(String, String)])] = [
+            ("multi-queue-num-queues 4096", [("multi-queue-num-queues", "4096")]),
+            ("ring-page-order 9 (above max-ring-page-order)", [("ring-page-order", "9")]),
+            ("ring-page-order 1 without ring-ref0/ring-ref1", [("ring-page-order", "1")]),
+            ("protocol x86_16-abi", [("protocol", "x86_16-abi")]),
+            ("a two-page ring whose second page was never granted",
+             [("ring-page-order", "1"), ("ring-ref0", "\(ring[0].ref)"), ("ring-ref1", "\(try s.neverGrantedRef())")]),
+        ]
+        for (what, extra) in shapes {
+            try s.offerAgain()
+            try s.publishRing(ringRef: "\(ring[0].ref)", eventChannel: "\(port)", extra: extra)
+            try s.expectConnectRefused(what)
+        }
+        for key in ["multi-queue-num-queues", "ring-page-order"] { try? s.store.remove("\(s.device.frontendPath)/\(key)") }
+        try s.expectReleased(stranger + readOnly + ring, "bad ring descriptions")
         try s.verifyStillServed()
     }
 
