@@ -6,6 +6,6 @@ struct XenSimCommand: ParsableCommand {
         commandName: "xensim",
         abstract: "A simulated Xen: xenstored, hypervisor services, toolstack and guests, all under one directory.",
         subcommands: [RunCommand.self, StopCommand.self, DomainCommand.self, AttachCommand.self, DetachCommand.self,
-                      FrontendCommand.self]
+                      FrontendCommand.self, AttackCommand.self]
     )
 }
