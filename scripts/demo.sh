@@ -135,7 +135,7 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 if [ "$(xenstore-read "$backend/state" 2>/dev/null)" != 4 ]; then
-    say "the guest did not connect:"; cat "$dir/guest.log"; exit 1
+    say "the guest did not connect:"; cat "$dir/guest.log"; tail -5 "$dir/blkback-server.log"; exit 1
 fi
 say "guest (pid $guest_pid) connected: randrw over $region, every read verified"
 
