@@ -59,7 +59,7 @@ podman build --network=none --build-arg BASE="$base" -f docker/Dockerfile.runtim
 limits=(--ulimit nofile=1024:1024 --ulimit nproc=1000:1000)
 say "running the demo in the container for $seconds s"
 # The default seccomp profile answers io_uring_setup with ENOSYS; the data plane needs it.
-podman run --rm --network=none "${limits[@]}" --security-opt seccomp=unconfined --shm-size=512m --tmpfs /tmp \
+podman run --rm --network=none "${limits[@]}" --security-opt seccomp=unconfined --tmpfs /tmp \
     --entrypoint /usr/local/bin/blkback-demo "$image" --check "$seconds"
 
 say "checking the dom0 entrypoint without Xen devices"
