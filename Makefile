@@ -1,5 +1,9 @@
-.PHONY: build test demo
+.PHONY: build test demo container-test
 build:
 	swift build
 test:
 	scripts/test.sh
+demo:
+	scripts/demo.sh
+container-test:
+	scripts/container-test.sh

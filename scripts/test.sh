@@ -5,3 +5,5 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 swift build
 swift test --parallel "$@"
+# Opt-in: the runtime image built with podman from host binaries, running the demo.
+if [ "${BLKBACK_CONTAINER_TEST:-0}" = 1 ]; then scripts/container-test.sh; fi

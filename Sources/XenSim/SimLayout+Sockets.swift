@@ -1,4 +1,4 @@
-import CHypervisorShim
+import CHypervisorShim  // <sys/socket.h>: SOCK_* are not visible through Glibc in release (WMO) builds
 import Engine
 import Glibc
 

@@ -190,10 +190,13 @@ public final class BackendManager: @unchecked Sendable {
                 return
             }
             // Like xenbus_probe_node: only a device the toolstack set up for a backend
-            // (Initialising), or one a previous instance of this daemon left in InitWait.
-            // A device we closed and unregistered stays Closed and is not probed again.
+            // (Initialising), or one a previous instance of this daemon left in InitWait or
+            // closed at its shutdown while the toolstack still wants it (online=1): that one
+            // is offered again, so its guest reconnects across a daemon restart. A device we
+            // closed and unregistered (online=0) stays Closed and is not probed again.
             let state = XenbusState(node: try context.store.read(path + "/state"))
-            guard state == .initialising || state == .initWait else { return }
+            let online = try context.store.read(path + "/online").flatMap { Int($0.trimmingCharacters(in: .whitespaces)) } ?? 0 != 0
+            guard state == .initialising || state == .initWait || (state == .closed && online) else { return }
             let device = VBD(kind: key.kind, domid: domid, devid: devid, context: context)
             devices[path] = device
             device.probe()

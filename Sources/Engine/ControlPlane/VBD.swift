@@ -104,6 +104,8 @@ final class VBD {
                 requestedTarget = params
                 guard openBackingStore(try BackingSource.params(params)) else { return }
             }
+            // What the frontend says now, before the watch fires with it (see frontendStateChanged).
+            frontendState = FrontendStateReading(node: try store.read(frontendPath + "/state"))
             try switchState(.initWait)
             try watch(frontendPath + "/state", .frontendState(backendPath: backendPath))
             logger.info("probed: frontend \(frontendPath), waiting for the frontend\(backingStore == nil ? " and physical-device" : "")")
@@ -213,6 +215,11 @@ final class VBD {
             let reading = FrontendStateReading(node: try store.read(frontendPath + "/state"))
             if reading != frontendState {
                 logger.info("frontend \(frontendState) → \(reading) (backend \(backendState))")
+            } else if reading.state == .closed, backendState == .initWait {
+                // A frontend that was already Closed when we offered the device (a guest
+                // waiting across a daemon restart) is not a new close: keep offering it;
+                // blkfront connects from Closed when it sees InitWait.
+                return .keep
             }
             frontendState = reading
             let online = try backend("online").flatMap { Int($0.trimmingCharacters(in: .whitespaces)) } ?? 0 != 0
