@@ -5,3 +5,5 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 swift build
 swift test --parallel "$@"
+# The HTTP API against openapi.yaml (schemathesis) and /metrics against the stats endpoint.
+scripts/api-conformance.sh
