@@ -10,10 +10,14 @@ root=$PWD
 bin=${BLKBACK_BIN_DIR:-$root/.build/debug}
 [ -x "$bin/blkback-server" ] && [ -x "$bin/xensim" ] || { echo "api-conformance: build first (swift build)" >&2; exit 2; }
 
-# schemathesis 4 (its CLI and config format) and the Prometheus client's text parser.
-if ! python3 -c 'import schemathesis, prometheus_client, sys; sys.exit(0 if schemathesis.__version__.startswith("4.") else 1)' 2>/dev/null; then
-    python3 -m pip install -q 'schemathesis>=4,<5' 'prometheus-client>=0.17'
+# schemathesis 4 (its CLI and config format) and the Prometheus client's text parser, in a
+# virtual environment of their own (Debian's python refuses system-wide pip installs).
+venv=$root/.build/api-conformance-venv
+if ! "$venv/bin/python" -c 'import schemathesis, prometheus_client, sys; sys.exit(0 if schemathesis.__version__.startswith("4.") else 1)' 2>/dev/null; then
+    python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install -q 'schemathesis>=4,<5' 'prometheus-client>=0.17'
 fi
+export PATH=$venv/bin:$PATH
 
 work=$(mktemp -d /tmp/blkback-api-XXXXXX)
 pids=()
