@@ -49,6 +49,8 @@ import Testing
         // Errors: JSON, one line, the right 4xx.
         let unknownPath = try rig.get("/v2/nothing")
         #expect(unknownPath.status == 404 && unknownPath.error != nil)
+        #expect(try rig.get("/healthz%00x").status == 404)   // a NUL does not cut the path short
+        #expect(try rig.get("/v1/vb%64s").status == 200)     // percent-decoded otherwise
         let unknownVBD = try rig.get("/v1/vbds/7/51712/stats")
         #expect(unknownVBD.status == 404 && unknownVBD.error != nil)
         let badNumber = try rig.get("/v1/vbds/one/51712")
