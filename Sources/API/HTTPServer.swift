@@ -225,7 +225,9 @@ public final class HTTPServer: @unchecked Sendable {
         let request = HTTPRequest(method: String(cString: method), path: String(cString: url),
                                   query: Self.values(connection, .GET_ARGUMENT_KIND, lowercased: false),
                                   headers: Self.values(connection, .HEADER_KIND, lowercased: true), body: state.body)
-        return queue(handler(request), on: connection)
+        let response = handler(request)
+        logger.debug("\(request.method) \(request.path) → \(response.status)")
+        return queue(response, on: connection)
     }
 
     private func queue(_ response: HTTPResponse, on connection: OpaquePointer) -> MHD_Result {

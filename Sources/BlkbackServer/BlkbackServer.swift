@@ -31,20 +31,21 @@ struct BlkbackServer: ParsableCommand {
     @Option(name: .customLong("kind"), help: "A backend/<kind> tree to serve (repeatable): vbd, vbd3, qdisk, ...")
     var kinds: [String] = []
 
-    @Option(help: ArgumentHelp("Address of the HTTP API, HOST:PORT or [IPv6]:PORT (default 127.0.0.1:8080).",
-                               discussion: "A non-loopback address requires --token-file."))
+    @Option(help: ArgumentHelp("Address of the HTTP API, HOST:PORT or [IPv6]:PORT (default 127.0.0.1:8080); a non-loopback address requires --token-file.",
+                               valueName: "host:port"))
     var listen: String?
 
-    @Option(help: "Use the simulator whose state lives in DIR (xensim run --dir DIR).")
+    @Option(help: ArgumentHelp("Use the simulator whose state lives in DIR (xensim run --dir DIR).", valueName: "dir"))
     var sim: String?
 
-    @Option(help: "File holding the bearer token the HTTP API requires (Authorization: Bearer <token>; /healthz is open).")
+    @Option(help: ArgumentHelp("File holding the bearer token the HTTP API requires (Authorization: Bearer <token>; /healthz is open).",
+                               valueName: "file"))
     var tokenFile: String?
 
-    @Option(help: "PEM certificate (chain) for HTTPS on the API; needs --tls-key.")
+    @Option(help: ArgumentHelp("PEM certificate (chain) for HTTPS on the API; needs --tls-key.", valueName: "pem-file"))
     var tlsCert: String?
 
-    @Option(help: "PEM private key for HTTPS on the API; needs --tls-cert.")
+    @Option(help: ArgumentHelp("PEM private key for HTTPS on the API; needs --tls-cert.", valueName: "pem-file"))
     var tlsKey: String?
 
     @Option(help: "trace, debug, info, notice, warning, error or critical.")
