@@ -143,17 +143,12 @@ struct BlkbackServer: ParsableCommand {
         let manager: BackendManager
         do {
             manager = try BackendManager(configuration: configuration, store: store, dataPlane: dataPlane, logger: logger)
-            try manager.start()
         } catch {
-            fail("cannot watch \(configuration.backendRoot(kind: configuration.kinds[0])): \(error)", code: 1)
+            fail("cannot start the control plane: \(error)", code: 1)
         }
-        logger.info("""
-            serving \(configuration.kinds.map { "backend/\($0)" }.joined(separator: ", ")) of domain \(domid) \
-            through xenstored at \(XenStore.socketDescription); max-queues \(maxQueues), \
-            max-ring-page-order \(maxRingPageOrder), max-indirect-segments \(maxIndirectSegments), \
-            persistent grants not implemented (feature-persistent=0)
-            """)
 
+        // The API before the devices: an address that cannot be had fails before any device
+        // is touched (/healthz says 503 until the control plane watches).
         let api = ManagementAPI(backend: manager, token: token)
         var serverConfiguration = HTTPServer.Configuration(address: address, tls: tls)
         serverConfiguration.maximumBodySize = 64 * 1024
@@ -166,12 +161,22 @@ struct BlkbackServer: ParsableCommand {
         } catch {
             // An address asked for must work; the default one being taken (another daemon,
             // a test) leaves the block devices served and says so.
-            guard listen == nil else {
-                manager.stop()
-                fail("\(error); pick another --listen address", code: 1)
-            }
+            guard listen == nil else { fail("\(error); pick another --listen address", code: 1) }
             logger.error("HTTP API not served: \(error); pass --listen to choose another address")
         }
+
+        do {
+            try manager.start()
+        } catch {
+            server.stop()
+            fail("cannot watch \(configuration.backendRoot(kind: configuration.kinds[0])): \(error)", code: 1)
+        }
+        logger.info("""
+            serving \(configuration.kinds.map { "backend/\($0)" }.joined(separator: ", ")) of domain \(domid) \
+            through xenstored at \(XenStore.socketDescription); max-queues \(maxQueues), \
+            max-ring-page-order \(maxRingPageOrder), max-indirect-segments \(maxIndirectSegments), \
+            persistent grants not implemented (feature-persistent=0)
+            """)
 
         var received: Int32 = 0
         sigwait(&stopSignals, &received)

@@ -112,6 +112,12 @@ final class APIRig: @unchecked Sendable {
     /// The VBD's backend state as the API reports it.
     func backendState() throws -> String? { try get(Self.vbd).json?["backend_state"] as? String }
 
+    /// Both ends Connected, as the API reports them.
+    func isConnected() throws -> Bool {
+        let vbd = try get(Self.vbd).json
+        return vbd?["backend_state"] as? String == "Connected" && vbd?["frontend_state"] as? String == "Connected"
+    }
+
     func stats() throws -> [String: Int] {
         (try get(Self.vbd + "/stats").json ?? [:]).compactMapValues { $0 as? Int }
     }

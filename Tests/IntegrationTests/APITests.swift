@@ -12,7 +12,7 @@ import Testing
         #expect(health.status == 200 && health.body == "{\"status\":\"ok\"}\n", "\(health)")
         #expect(health.headers["content-type"] == "application/json")
 
-        #expect(try eventually(timeout: 15) { try rig.backendState() == "Connected" }, "daemon: \(rig.daemon.output)")
+        #expect(try eventually(timeout: 15) { try rig.isConnected() }, "daemon: \(rig.daemon.output)")
         let list = try rig.get("/v1/vbds")
         #expect(list.status == 200)
         let vbds = try #require(list.json?["vbds"] as? [[String: Any]])
@@ -101,7 +101,7 @@ import Testing
         let rig = try APIRig("api-state")
         defer { rig.stop() }
         try rig.startGuest()
-        #expect(try eventually(timeout: 15) { try rig.backendState() == "Connected" })
+        #expect(try eventually(timeout: 15) { try rig.isConnected() })
         let state = APIRig.vbd + "/state"
 
         #expect(try rig.post(state, #"{"state":"reconnect"}"#).status == 409)   // Connected
@@ -120,7 +120,7 @@ import Testing
             reconnect = try rig.post(state, #"{"state":"reconnect"}"#)   // 409 while the rings drain
             return reconnect.status == 202
         }, "\(reconnect.body)")
-        #expect(try eventually(timeout: 15) { try rig.backendState() == "Connected" })
+        #expect(try eventually(timeout: 15) { try rig.isConnected() })
         #expect(try eventually(timeout: 10) { try rig.stats()["rd_req"]! > 0 })
 
         // closed: immediately Closed; reconnect once the guest has closed its side.
@@ -129,7 +129,7 @@ import Testing
         #expect(try eventually(timeout: 10) {
             try rig.post(state, #"{"state":"reconnect"}"#).status == 202
         })
-        #expect(try eventually(timeout: 15) { try rig.backendState() == "Connected" })
+        #expect(try eventually(timeout: 15) { try rig.isConnected() })
         let before = try rig.stats()
         #expect(try eventually(timeout: 10) { try rig.stats()["wr_req"]! > before["wr_req"]! })
 
