@@ -140,7 +140,8 @@ public final class HTTPServer: @unchecked Sendable {
                     guard let cls, let format, let arguments else { return }
                     var line = [CChar](repeating: 0, count: 512)
                     _ = vsnprintf(&line, line.count, format, arguments)
-                    let text = String(cString: line).trimmingCharacters(in: .whitespacesAndNewlines)
+                    let text = String(decoding: line.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+                        .trimmingCharacters(in: .whitespacesAndNewlines)
                     Unmanaged<HTTPServer>.fromOpaque(cls).takeUnretainedValue().logger.debug("libmicrohttpd: \(text)")
                 }, context,
                 { cls, connection, url, method, _, uploadData, uploadSize, requestContext in
