@@ -74,5 +74,6 @@ let package = Package(
         .testTarget(name: "EngineTests", dependencies: ["Engine", "CXenBlkif"]),
         .testTarget(name: "XenSimTests", dependencies: ["XenSim", "Engine", "CXenBlkif"]),
         .testTarget(name: "IntegrationTests", dependencies: ["Engine", "XenSim"]),
+        .testTarget(name: "APITests", dependencies: ["API", "Engine"]),
     ]
 )

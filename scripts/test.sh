@@ -5,5 +5,7 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 swift build
 swift test --parallel "$@"
+# The HTTP API against openapi.yaml (schemathesis) and /metrics against the stats endpoint.
+scripts/api-conformance.sh
 # Opt-in: the runtime image built with podman from host binaries, running the demo.
 if [ "${BLKBACK_CONTAINER_TEST:-0}" = 1 ]; then scripts/container-test.sh; fi

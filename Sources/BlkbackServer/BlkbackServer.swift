@@ -1,3 +1,4 @@
+import API
 import ArgumentParser
 import Engine
 import Foundation
@@ -11,19 +12,41 @@ extension Logger.Level: @retroactive ExpressibleByArgument {}
 struct BlkbackServer: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "blkback-server",
-        abstract: "Userspace Xen block backend (the job of Linux xen-blkback) for dom0.")
+        abstract: "Userspace Xen block backend (the job of Linux xen-blkback) for dom0.",
+        discussion: """
+            Serves the VBDs the toolstack creates under /local/domain/<domid>/backend/<kind> and \
+            an HTTP API (GET /healthz, /v1/vbds, /v1/vbds/{domid}/{devid}[/stats], /metrics; \
+            POST /v1/vbds/{domid}/{devid}/state) described in openapi.yaml.
+
+            ENVIRONMENT
+              XENSTORED_PATH    xenstored socket (libxenstore); --sim sets it to DIR/xenstored.sock when unset
+              XENSTORED_RUNDIR  directory of xenstored's socket (libxenstore)
+
+            EXIT CODES
+              0  stopped by SIGTERM/SIGINT after draining in-flight I/O
+              1  xenstored unreachable, watches or the explicitly requested API address failed
+              2  bad command line or configuration, unreadable token/TLS files, Xen devices missing
+            """)
 
     @Option(name: .customLong("kind"), help: "A backend/<kind> tree to serve (repeatable): vbd, vbd3, qdisk, ...")
     var kinds: [String] = []
 
-    @Option(help: "Address of the HTTP API, HOST:PORT.")
+    @Option(help: ArgumentHelp("Address of the HTTP API, HOST:PORT or [IPv6]:PORT (default 127.0.0.1:8080); a non-loopback address requires --token-file.",
+                               valueName: "host:port"))
     var listen: String?
 
-    @Option(help: "Use the simulator whose state lives in DIR (xensim run --dir DIR).")
+    @Option(help: ArgumentHelp("Use the simulator whose state lives in DIR (xensim run --dir DIR).", valueName: "dir"))
     var sim: String?
 
-    @Option(help: "File holding the bearer token the HTTP API requires.")
+    @Option(help: ArgumentHelp("File holding the bearer token the HTTP API requires (Authorization: Bearer <token>; /healthz is open).",
+                               valueName: "file"))
     var tokenFile: String?
+
+    @Option(help: ArgumentHelp("PEM certificate (chain) for HTTPS on the API; needs --tls-key.", valueName: "pem-file"))
+    var tlsCert: String?
+
+    @Option(help: ArgumentHelp("PEM private key for HTTPS on the API; needs --tls-cert.", valueName: "pem-file"))
+    var tlsKey: String?
 
     @Option(help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: Logger.Level = .info
@@ -50,19 +73,32 @@ struct BlkbackServer: ParsableCommand {
             persistentGrants: persistentGrants)
         if let problem = configuration.validationError { fail(problem, code: 2) }
 
-        // The HTTP API comes later; the address is checked now so a bad one fails at start.
-        let address: ListenAddress?
+        let address: ListenAddress
         do {
-            address = try listen.map { text throws(ListenAddressError) in try ListenAddress(text) }
+            address = try ListenAddress(listen ?? "127.0.0.1:8080")
         } catch {
             fail(error.description, code: 2)
         }
-        if let tokenFile, (try? String(contentsOfFile: tokenFile, encoding: .utf8))?
-            .trimmingCharacters(in: .whitespacesAndNewlines).isEmpty ?? true {
-            fail("cannot read a token from \(tokenFile); write the bearer token into it", code: 2)
+        var token: BearerToken?
+        if let tokenFile {
+            guard let text = try? String(contentsOfFile: tokenFile, encoding: .utf8), let read = BearerToken(text) else {
+                fail("cannot read a token from \(tokenFile); write the bearer token into it", code: 2)
+            }
+            token = read
         }
-        if let address, !address.isLoopback, tokenFile == nil {
+        if !address.isLoopback, token == nil {
             fail("refusing to listen on non-loopback \(address) without --token-file", code: 2)
+        }
+        var tls: (certificate: String, key: String)?
+        switch (tlsCert, tlsKey) {
+        case (nil, nil): break
+        case (let cert?, let key?):
+            guard let certificate = try? String(contentsOfFile: cert, encoding: .utf8) else { fail("cannot read the TLS certificate \(cert)", code: 2) }
+            guard let keyText = try? String(contentsOfFile: key, encoding: .utf8) else { fail("cannot read the TLS key \(key)", code: 2) }
+            guard HTTPServer.supportsTLS else { fail("this libmicrohttpd was built without TLS; drop --tls-cert/--tls-key", code: 2) }
+            tls = (certificate, keyText)
+        default:
+            fail("--tls-cert and --tls-key go together", code: 2)
         }
 
         if let sim, getenv("XENSTORED_PATH") == nil {
@@ -107,21 +143,46 @@ struct BlkbackServer: ParsableCommand {
         let manager: BackendManager
         do {
             manager = try BackendManager(configuration: configuration, store: store, dataPlane: dataPlane, logger: logger)
+        } catch {
+            fail("cannot start the control plane: \(error)", code: 1)
+        }
+
+        // The API before the devices: an address that cannot be had fails before any device
+        // is touched (/healthz says 503 until the control plane watches).
+        let api = ManagementAPI(backend: manager, token: token)
+        var serverConfiguration = HTTPServer.Configuration(address: address, tls: tls)
+        serverConfiguration.maximumBodySize = 64 * 1024
+        let server = HTTPServer(configuration: serverConfiguration, logger: Logger(label: "blkback.api"),
+                                tooLarge: { limit in ManagementAPI.errorResponse(413, "request body larger than \(limit) bytes") },
+                                handler: { request in api.respond(request) })
+        do {
+            try server.start()
+            logger.info("HTTP API listening on \(tls == nil ? "http" : "https")://\(address)\(token == nil ? "" : " (bearer token required)")")
+        } catch {
+            // An address asked for must work; the default one being taken (another daemon,
+            // a test) leaves the block devices served and says so.
+            guard listen == nil else { fail("\(error); pick another --listen address", code: 1) }
+            logger.error("HTTP API not served: \(error); pass --listen to choose another address")
+        }
+
+        do {
             try manager.start()
         } catch {
+            server.stop()
             fail("cannot watch \(configuration.backendRoot(kind: configuration.kinds[0])): \(error)", code: 1)
         }
         logger.info("""
             serving \(configuration.kinds.map { "backend/\($0)" }.joined(separator: ", ")) of domain \(domid) \
             through xenstored at \(XenStore.socketDescription); max-queues \(maxQueues), \
             max-ring-page-order \(maxRingPageOrder), max-indirect-segments \(maxIndirectSegments), \
-            persistent grants not implemented (feature-persistent=0)\
-            \(address.map { "; HTTP API \($0) not served yet" } ?? "")
+            persistent grants not implemented (feature-persistent=0)
             """)
 
         var received: Int32 = 0
         sigwait(&stopSignals, &received)
         logger.info("received signal \(received); stopping")
+        // The API first: no new commands reach a control plane that is closing devices.
+        server.stop()
         manager.stop()
     }
 

@@ -19,9 +19,12 @@ public final class BackendManager: @unchecked Sendable {
 
     // Shared with other threads, under `lock`.
     private let lock = NSLock()
-    private var published: [VBDSnapshot] = []
+    /// Each VBD's state as of the last loop turn, with its rings for live counters.
+    private var published: [(snapshot: VBDSnapshot, rings: (any ConnectedRings)?)] = []
     private var stopRequested = false
     private var watching = false
+    /// Operator commands waiting for the control-plane thread.
+    private var commands: [PendingCommand] = []
     private let finished = DispatchSemaphore(value: 0)
     private var thread: Thread?
 
@@ -67,8 +70,32 @@ public final class BackendManager: @unchecked Sendable {
         finished.wait()
     }
 
-    /// Copies of every VBD's state, ordered by kind, domid, devid. Safe from any thread.
-    public func snapshots() -> [VBDSnapshot] { lock.withLock { published } }
+    /// Copies of every VBD's state, ordered by kind, domid, devid; the data-path counters are
+    /// read now (the rest changes only on the control-plane thread). Safe from any thread.
+    public func snapshots() -> [VBDSnapshot] {
+        lock.withLock { published }.map { entry in
+            var snapshot = entry.snapshot
+            if let rings = entry.rings { snapshot.statistics = rings.statistics }
+            return snapshot
+        }
+    }
+
+    /// Carries out an operator's state command on the control-plane thread and waits (at
+    /// most `timeout` seconds) for its answer: the VBD as it is right after the command.
+    /// `kind` nil: the first served kind that has this domid/devid. Safe from any thread;
+    /// never touches the data plane's threads.
+    public func perform(_ command: VBDStateCommand, domid: UInt32, devid: UInt32, kind: String? = nil,
+                        timeout: Double = 5) -> Result<VBDSnapshot, VBDCommandError> {
+        let pending = PendingCommand(command, domid: domid, devid: devid, kind: kind)
+        let accepted = lock.withLock {
+            guard !stopRequested, thread != nil else { return false }
+            commands.append(pending)
+            return true
+        }
+        guard accepted else { return .failure(.unavailable("the backend is stopping")) }
+        wakeup.signal()
+        return pending.wait(timeout: timeout)
+    }
 
     // MARK: event loop
 
@@ -85,6 +112,7 @@ public final class BackendManager: @unchecked Sendable {
             }
             if descriptors[1].revents != 0 { wakeup.drain() }
             handle(context.store.pendingWatchEvents())
+            performCommands()
             retryDisconnects()
             publish()
         }
@@ -210,14 +238,36 @@ public final class BackendManager: @unchecked Sendable {
         if let busy = device.stop(reason) { draining.append(busy) }
     }
 
+    private func performCommands() {
+        let batch: [PendingCommand] = lock.withLock {
+            defer { commands.removeAll() }
+            return commands
+        }
+        for pending in batch {
+            let candidates = configuration.kinds.filter { pending.kind == nil || pending.kind == $0 }
+            guard let device = candidates.lazy.compactMap({ kind in
+                self.devices["\(self.configuration.backendRoot(kind: kind))/\(pending.domid)/\(pending.devid)"]
+            }).first else {
+                pending.answer(.failure(.unknownDevice))
+                continue
+            }
+            do throws(VBDCommandError) {
+                try device.perform(pending.command)
+                pending.answer(.success(device.snapshot))
+            } catch {
+                pending.answer(.failure(error))
+            }
+        }
+    }
+
     private func retryDisconnects() {
         for device in devices.values where device.disconnectPending { device.retryDisconnect() }
         draining.removeAll { $0.disconnect() }
     }
 
     private func publish() {
-        let snapshots = devices.values.map(\.snapshot).sorted {
-            ($0.kind, $0.domid, $0.devid) < ($1.kind, $1.domid, $1.devid)
+        let snapshots = devices.values.map { ($0.snapshot, $0.connectedRings) }.sorted {
+            ($0.0.kind, $0.0.domid, $0.0.devid) < ($1.0.kind, $1.0.domid, $1.0.devid)
         }
         lock.withLock { published = snapshots }
     }
@@ -234,7 +284,13 @@ public final class BackendManager: @unchecked Sendable {
         for kind in configuration.kinds {
             try? context.store.unwatch(configuration.backendRoot(kind: kind), token: WatchToken.backendTree(kind: kind).text)
         }
-        lock.withLock { watching = false; published = [] }
+        let unanswered = lock.withLock {
+            watching = false
+            published = []
+            defer { commands.removeAll() }
+            return commands
+        }
+        for pending in unanswered { pending.answer(.failure(.unavailable("the backend is stopping"))) }
         logger.info("control plane stopped")
     }
 }

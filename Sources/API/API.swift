@@ -1,3 +1,0 @@
-import Engine
-import CMicroHTTPD
-import CJansson

@@ -1,0 +1,266 @@
+import CMicroHTTPD
+import Engine
+import Foundation
+import Glibc
+import Logging
+
+/// One HTTP request as the API sees it: the body is complete and within the size limit.
+public struct HTTPRequest: Sendable {
+    public var method: String
+    /// The path, percent-decoded, without the query.
+    public var path: String
+    /// Query arguments; a key given without `=value` maps to "".
+    public var query: [String: String]
+    /// Header names in lower case.
+    public var headers: [String: String]
+    public var body: [UInt8]
+
+    public init(method: String, path: String, query: [String: String] = [:], headers: [String: String] = [:], body: [UInt8] = []) {
+        self.method = method
+        self.path = path
+        self.query = query
+        self.headers = headers
+        self.body = body
+    }
+
+    public func header(_ name: String) -> String? { headers[name.lowercased()] }
+}
+
+public struct HTTPResponse: Sendable {
+    public var status: Int
+    public var headers: [(String, String)]
+    public var body: [UInt8]
+
+    public init(status: Int, headers: [(String, String)] = [], body: [UInt8] = []) {
+        self.status = status
+        self.headers = headers
+        self.body = body
+    }
+}
+
+public struct HTTPServerError: Error, CustomStringConvertible, Sendable {
+    public var description: String
+}
+
+/// An embedded HTTP server on libmicrohttpd: a pool of threads each running its own epoll
+/// loop, bounded connections, idle timeouts and capped request bodies. Handlers run on the
+/// pool's threads and must not block for long.
+public final class HTTPServer: @unchecked Sendable {
+    public struct Configuration: Sendable {
+        public var address: ListenAddress
+        /// PEM certificate chain and private key; nil = plain HTTP.
+        public var tls: (certificate: String, key: String)?
+        public var threads = 4
+        public var connectionLimit = 64
+        public var connectionsPerClient = 32
+        /// Seconds a connection may stay idle.
+        public var connectionTimeout = 10
+        /// Largest request body accepted; a larger one gets 413 and is never buffered.
+        public var maximumBodySize = 64 * 1024
+
+        public init(address: ListenAddress, tls: (certificate: String, key: String)? = nil) {
+            self.address = address
+            self.tls = tls
+        }
+    }
+
+    public typealias Handler = @Sendable (HTTPRequest) -> HTTPResponse
+
+    public let configuration: Configuration
+    private let handler: Handler
+    /// Answers a body over the limit (the handler never sees it).
+    private let tooLarge: @Sendable (Int) -> HTTPResponse
+    private let logger: Logger
+    private var daemon: OpaquePointer?
+    private let lock = NSLock()
+    /// Requests between their first byte and their completion.
+    private var activeRequests = 0
+    /// PEM texts stay allocated while the daemon runs.
+    private var pem: [UnsafeMutablePointer<CChar>] = []
+
+    public init(configuration: Configuration, logger: Logger,
+                tooLarge: @escaping @Sendable (Int) -> HTTPResponse, handler: @escaping Handler) {
+        self.configuration = configuration
+        self.logger = logger
+        self.tooLarge = tooLarge
+        self.handler = handler
+    }
+
+    deinit { stop() }
+
+    /// True when this libmicrohttpd was built with HTTPS (GnuTLS) support.
+    public static var supportsTLS: Bool { MHD_is_feature_supported(.FEATURE_TLS) == .YES }
+
+    public func start() throws(HTTPServerError) {
+        var flags = MHD_USE_INTERNAL_POLLING_THREAD.rawValue | MHD_USE_EPOLL.rawValue | MHD_USE_ITC.rawValue
+            | MHD_USE_ERROR_LOG.rawValue
+        if configuration.address.isIPv6 { flags |= MHD_USE_IPv6.rawValue }
+        // No LISTENING_ADDRESS_REUSE: on Linux that is SO_REUSEPORT, and a second daemon
+        // would share the port instead of being told it is taken.
+        var options: [MHD_OptionItem] = [
+            MHD_OptionItem(option: .THREAD_POOL_SIZE, value: configuration.threads, ptr_value: nil),
+            MHD_OptionItem(option: .CONNECTION_LIMIT, value: configuration.connectionLimit, ptr_value: nil),
+            MHD_OptionItem(option: .PER_IP_CONNECTION_LIMIT, value: configuration.connectionsPerClient, ptr_value: nil),
+            MHD_OptionItem(option: .CONNECTION_TIMEOUT, value: configuration.connectionTimeout, ptr_value: nil),
+        ]
+        if let tls = configuration.tls {
+            guard Self.supportsTLS else {
+                throw HTTPServerError(description: "this libmicrohttpd has no TLS support; drop --tls-cert/--tls-key or install a build with GnuTLS")
+            }
+            flags |= MHD_USE_TLS.rawValue
+            let certificate = strdup(tls.certificate)!, key = strdup(tls.key)!
+            pem = [certificate, key]
+            options.append(MHD_OptionItem(option: .HTTPS_MEM_CERT, value: 0, ptr_value: UnsafeMutableRawPointer(certificate)))
+            options.append(MHD_OptionItem(option: .HTTPS_MEM_KEY, value: 0, ptr_value: UnsafeMutableRawPointer(key)))
+        }
+        let address = configuration.address
+        var storage = sockaddr_storage()
+        withUnsafeMutableBytes(of: &storage) { raw in
+            if address.isIPv6 {
+                let v6 = raw.baseAddress!.assumingMemoryBound(to: sockaddr_in6.self)
+                v6.pointee.sin6_family = sa_family_t(AF_INET6)
+                v6.pointee.sin6_port = address.port.bigEndian
+                _ = inet_pton(AF_INET6, address.host, &v6.pointee.sin6_addr)
+            } else {
+                let v4 = raw.baseAddress!.assumingMemoryBound(to: sockaddr_in.self)
+                v4.pointee.sin_family = sa_family_t(AF_INET)
+                v4.pointee.sin_port = address.port.bigEndian
+                _ = inet_pton(AF_INET, address.host, &v4.pointee.sin_addr)
+            }
+        }
+        let context = Unmanaged.passUnretained(self).toOpaque()
+        let started: OpaquePointer? = withUnsafeMutablePointer(to: &storage) { socketAddress in
+            options.append(MHD_OptionItem(option: .SOCK_ADDR, value: 0, ptr_value: UnsafeMutableRawPointer(socketAddress)))
+            options.append(MHD_OptionItem(option: .END, value: 0, ptr_value: nil))
+            Glibc.errno = 0
+            return blkback_mhd_start(
+                flags, address.port,
+                { cls, format, arguments in
+                    // libmicrohttpd's own diagnostics, as one log line each.
+                    guard let cls, let format, let arguments else { return }
+                    var line = [CChar](repeating: 0, count: 512)
+                    _ = vsnprintf(&line, line.count, format, arguments)
+                    let text = String(decoding: line.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+                        .trimmingCharacters(in: .whitespacesAndNewlines)
+                    Unmanaged<HTTPServer>.fromOpaque(cls).takeUnretainedValue().logger.debug("libmicrohttpd: \(text)")
+                }, context,
+                { cls, connection, url, method, _, uploadData, uploadSize, requestContext in
+                    guard let cls, let connection, let url, let method, let uploadSize, let requestContext else { return MHD_Result.NO }
+                    return Unmanaged<HTTPServer>.fromOpaque(cls).takeUnretainedValue()
+                        .access(connection, url: url, method: method, upload: uploadData, size: uploadSize, context: requestContext)
+                }, context,
+                { cls, _, requestContext, _ in
+                    guard let cls, let requestContext, let state = requestContext.pointee else { return }
+                    Unmanaged<RequestState>.fromOpaque(state).release()
+                    requestContext.pointee = nil
+                    let server = Unmanaged<HTTPServer>.fromOpaque(cls).takeUnretainedValue()
+                    server.lock.withLock { server.activeRequests -= 1 }
+                }, context,
+                options)
+        }
+        guard let started else {
+            let reason = Glibc.errno != 0 ? String(cString: strerror(Glibc.errno)) : "libmicrohttpd refused the configuration"
+            releasePEM()
+            throw HTTPServerError(description: "cannot listen on \(address): \(reason)")
+        }
+        daemon = started
+    }
+
+    /// Stops taking connections, lets requests being handled finish (up to `grace`
+    /// seconds), then closes everything.
+    public func stop(grace: Double = 2) {
+        guard let daemon else { return }
+        self.daemon = nil
+        let listener = MHD_quiesce_daemon(daemon)
+        let deadline = Date().addingTimeInterval(grace)
+        while lock.withLock({ activeRequests }) > 0, Date() < deadline { usleep(10_000) }
+        MHD_stop_daemon(daemon)
+        if listener >= 0 { close(listener) }
+        releasePEM()
+    }
+
+    private func releasePEM() {
+        for text in pem {
+            memset(text, 0, strlen(text))   // the key should not linger in freed memory
+            free(text)
+        }
+        pem = []
+    }
+
+    /// What one request gathered between libmicrohttpd's calls.
+    private final class RequestState {
+        var body: [UInt8] = []
+        var bodyBytes = 0
+    }
+
+    /// libmicrohttpd calls this once when the headers are in, once per chunk of body, and
+    /// once more at the end of the body; the answer is queued on that last call.
+    private func access(_ connection: OpaquePointer, url: UnsafePointer<CChar>, method: UnsafePointer<CChar>,
+                        upload: UnsafePointer<CChar>?, size: UnsafeMutablePointer<Int>,
+                        context: UnsafeMutablePointer<UnsafeMutableRawPointer?>) -> MHD_Result {
+        guard let stored = context.pointee else {
+            let state = RequestState()
+            context.pointee = Unmanaged.passRetained(state).toOpaque()
+            lock.withLock { activeRequests += 1 }
+            // A declared length over the limit is refused before any of the body is read.
+            if let declared = Self.value(connection, .HEADER_KIND, "Content-Length").flatMap({ Int($0) }),
+               declared > configuration.maximumBodySize {
+                return queue(tooLarge(configuration.maximumBodySize), on: connection)
+            }
+            return .YES
+        }
+        let state = Unmanaged<RequestState>.fromOpaque(stored).takeUnretainedValue()
+        if size.pointee > 0 {
+            // Chunked bodies have no declared length: count, keep only what fits.
+            state.bodyBytes += size.pointee
+            if state.bodyBytes <= configuration.maximumBodySize, let upload {
+                state.body.append(contentsOf: UnsafeRawBufferPointer(start: upload, count: size.pointee))
+            } else {
+                state.body = []
+            }
+            size.pointee = 0
+            return .YES
+        }
+        if state.bodyBytes > configuration.maximumBodySize {
+            return queue(tooLarge(configuration.maximumBodySize), on: connection)
+        }
+        let request = HTTPRequest(method: String(cString: method), path: String(cString: url),
+                                  query: Self.values(connection, .GET_ARGUMENT_KIND, lowercased: false),
+                                  headers: Self.values(connection, .HEADER_KIND, lowercased: true), body: state.body)
+        let response = handler(request)
+        logger.debug("\(request.method) \(request.path) → \(response.status)")
+        return queue(response, on: connection)
+    }
+
+    private func queue(_ response: HTTPResponse, on connection: OpaquePointer) -> MHD_Result {
+        let body = response.body
+        guard let answer = body.withUnsafeBytes({ bytes in
+            MHD_create_response_from_buffer(bytes.count, UnsafeMutableRawPointer(mutating: bytes.baseAddress), .RESPMEM_MUST_COPY)
+        }) else { return .NO }
+        defer { MHD_destroy_response(answer) }
+        for (name, value) in response.headers { _ = MHD_add_response_header(answer, name, value) }
+        return MHD_queue_response(connection, UInt32(response.status), answer)
+    }
+
+    private static func value(_ connection: OpaquePointer, _ kind: MHD_ValueKind, _ name: String) -> String? {
+        MHD_lookup_connection_value(connection, kind, name).map { String(cString: $0) }
+    }
+
+    /// Every header or query argument of the request.
+    private static func values(_ connection: OpaquePointer, _ kind: MHD_ValueKind, lowercased: Bool) -> [String: String] {
+        final class Collected { var values: [String: String] = [:] }
+        let collected = Collected()
+        _ = withExtendedLifetime(collected) {
+            MHD_get_connection_values(connection, kind, { cls, _, key, value in
+                guard let cls, let key else { return .YES }
+                let collected = Unmanaged<Collected>.fromOpaque(cls).takeUnretainedValue()
+                let name = String(cString: key)
+                // The first of repeated names wins, as for a single-valued lookup.
+                if collected.values[name] == nil { collected.values[name] = value.map { String(cString: $0) } ?? "" }
+                return .YES
+            }, Unmanaged.passUnretained(collected).toOpaque())
+        }
+        guard lowercased else { return collected.values }
+        return Dictionary(collected.values.map { ($0.key.lowercased(), $0.value) }) { first, _ in first }
+    }
+}

@@ -1,0 +1,253 @@
+import Engine
+import Foundation
+
+/// What the API needs from the engine: snapshots to read and a command path into the
+/// control plane. BackendManager provides it; handlers never touch the data plane.
+public protocol ManagedBackend: AnyObject, Sendable {
+    var isWatching: Bool { get }
+    func snapshots() -> [VBDSnapshot]
+    func perform(_ command: VBDStateCommand, domid: UInt32, devid: UInt32, kind: String?,
+                 timeout: Double) -> Result<VBDSnapshot, VBDCommandError>
+}
+
+extension BackendManager: ManagedBackend {}
+
+/// The REST API of CONTRACT.md over an engine: routing, bearer-token check, JSON in and out.
+public struct ManagementAPI: Sendable {
+    private let backend: any ManagedBackend
+    private let token: BearerToken?
+
+    public init(backend: any ManagedBackend, token: BearerToken?) {
+        self.backend = backend
+        self.token = token
+    }
+
+    private enum Route {
+        case health, vbds, metrics
+        case vbd(domid: String, devid: String)
+        case stats(domid: String, devid: String)
+        case state(domid: String, devid: String)
+
+        init?(path: String) {
+            let parts = path.split(separator: "/", omittingEmptySubsequences: false).map(String.init)
+            switch parts {
+            case ["", "healthz"]: self = .health
+            case ["", "metrics"]: self = .metrics
+            case ["", "v1", "vbds"]: self = .vbds
+            case let p where p.count == 5 && p[1] == "v1" && p[2] == "vbds" && p[0].isEmpty:
+                self = .vbd(domid: p[3], devid: p[4])
+            case let p where p.count == 6 && p[1] == "v1" && p[2] == "vbds" && p[0].isEmpty && p[5] == "stats":
+                self = .stats(domid: p[3], devid: p[4])
+            case let p where p.count == 6 && p[1] == "v1" && p[2] == "vbds" && p[0].isEmpty && p[5] == "state":
+                self = .state(domid: p[3], devid: p[4])
+            default: return nil
+            }
+        }
+
+        var methods: [String] {
+            if case .state = self { return ["POST"] }
+            return ["GET", "HEAD"]
+        }
+    }
+
+    public func respond(_ request: HTTPRequest) -> HTTPResponse {
+        let pretty = Self.wantsPretty(request)
+        let route = Route(path: request.path)
+        if case .health = route {} else if let token, !token.authorizes(request.header("Authorization")) {
+            var response = error(401, "missing or wrong bearer token; send Authorization: Bearer <token>", pretty: pretty)
+            response.headers.append(("WWW-Authenticate", "Bearer realm=\"blkback\""))
+            return response
+        }
+        guard let route else {
+            return error(404, "no such path \(Self.printable(request.path)); see openapi.yaml for the API", pretty: pretty)
+        }
+        guard route.methods.contains(request.method) else {
+            var response = error(405, "method \(Self.printable(request.method)) not allowed on \(Self.printable(request.path)); use \(route.methods.joined(separator: " or "))", pretty: pretty)
+            response.headers.append(("Allow", route.methods.joined(separator: ", ")))
+            return response
+        }
+        switch route {
+        case .health:
+            return backend.isWatching
+                ? json(200, .object([("status", .string("ok"))]), pretty: pretty)
+                : json(503, .object([("status", .string("starting")), ("error", .string("the engine is not watching xenstore yet"))]), pretty: pretty)
+        case .vbds:
+            let kind = request.query["kind"]
+            let vbds = backend.snapshots().filter { kind == nil || $0.kind == kind }
+            return json(200, .object([("vbds", .array(vbds.map(Self.vbdJSON)))]), pretty: pretty)
+        case .metrics:
+            return HTTPResponse(status: 200, headers: [("Content-Type", MetricsExposition.contentType), ("Cache-Control", "no-store")],
+                                body: Array(MetricsExposition.render(backend.snapshots()).utf8))
+        case .vbd(let domid, let devid), .stats(let domid, let devid):
+            switch lookup(domid, devid, request) {
+            case .failure(let response): return response.with(pretty: pretty)
+            case .success(let vbd):
+                if case .stats = route { return json(200, Self.statsJSON(vbd.statistics ?? VBDStatistics()), pretty: pretty) }
+                return json(200, Self.vbdJSON(vbd), pretty: pretty)
+            }
+        case .state(let domid, let devid):
+            return changeState(domid, devid, request, pretty: pretty)
+        }
+    }
+
+    // MARK: handlers
+
+    private struct ErrorResponse: Error {
+        let status: Int
+        let message: String
+        func with(pretty: Bool) -> HTTPResponse { ManagementAPI.errorResponse(status, message, pretty: pretty) }
+    }
+
+    /// Parsed path numbers and the optional `kind` query argument.
+    private func identify(_ domid: String, _ devid: String, _ request: HTTPRequest) -> Result<(UInt32, UInt32, String?), ErrorResponse> {
+        guard let domidNumber = Self.number(domid), domidNumber < 0x7FF0 else {
+            return .failure(ErrorResponse(status: 400, message: "domid '\(Self.printable(domid))' is not a domain number (0 to 32751)"))
+        }
+        guard let devidNumber = Self.number(devid) else {
+            return .failure(ErrorResponse(status: 400, message: "devid '\(Self.printable(devid))' is not a device number (0 to 4294967295)"))
+        }
+        return .success((domidNumber, devidNumber, request.query["kind"]))
+    }
+
+    private func lookup(_ domid: String, _ devid: String, _ request: HTTPRequest) -> Result<VBDSnapshot, ErrorResponse> {
+        identify(domid, devid, request).flatMap { domid, devid, kind in
+            guard let vbd = backend.snapshots().first(where: { $0.domid == domid && $0.devid == devid && (kind == nil || $0.kind == kind) }) else {
+                return .failure(ErrorResponse(status: 404, message: "no VBD \(domid)/\(devid)\(kind.map { " of kind \(Self.printable($0))" } ?? ""); GET /v1/vbds lists them"))
+            }
+            return .success(vbd)
+        }
+    }
+
+    private func changeState(_ domid: String, _ devid: String, _ request: HTTPRequest, pretty: Bool) -> HTTPResponse {
+        let domidNumber: UInt32, devidNumber: UInt32, kind: String?
+        switch identify(domid, devid, request) {
+        case .failure(let failure): return failure.with(pretty: pretty)
+        case .success(let identity): (domidNumber, devidNumber, kind) = identity
+        }
+        let command: VBDStateCommand
+        do {
+            command = try Self.stateCommand(try JSONValue.parse(request.body))
+        } catch {
+            return self.error(400, error.description, pretty: pretty)
+        }
+        switch backend.perform(command, domid: domidNumber, devid: devidNumber, kind: kind, timeout: 5) {
+        case .success(let vbd):
+            return json(202, Self.vbdJSON(vbd), pretty: pretty)
+        case .failure(.unknownDevice):
+            return error(404, "no VBD \(domidNumber)/\(devidNumber)\(kind.map { " of kind \(Self.printable($0))" } ?? ""); GET /v1/vbds lists them", pretty: pretty)
+        case .failure(.conflict(let reason)):
+            return error(409, reason, pretty: pretty)
+        case .failure(.unavailable(let reason)):
+            var response = error(503, reason, pretty: pretty)
+            response.headers.append(("Retry-After", "1"))
+            return response
+        }
+    }
+
+    /// The body of POST …/state: exactly `{"state": "closing" | "closed" | "reconnect"}`.
+    static func stateCommand(_ body: JSONValue) throws(JSONError) -> VBDStateCommand {
+        guard case .object(let members) = body else { throw JSONError("the body must be a JSON object, got \(body.typeName)") }
+        if let extra = members.first(where: { $0.0 != "state" }) {
+            throw JSONError("unknown member '\(printable(extra.0))'; the body is {\"state\": ...}")
+        }
+        let names = VBDStateCommand.allCases.map(\.rawValue).joined(separator: ", ")
+        guard let value = body["state"] else { throw JSONError("missing member 'state' (one of \(names))") }
+        guard case .string(let name) = value else { throw JSONError("'state' must be a string (one of \(names)), got \(value.typeName)") }
+        guard let command = VBDStateCommand(rawValue: name) else {
+            throw JSONError("'state' must be one of \(names), got '\(printable(name))'")
+        }
+        return command
+    }
+
+    // MARK: JSON documents
+
+    static func vbdJSON(_ vbd: VBDSnapshot) -> JSONValue {
+        var members: [(String, JSONValue)] = [
+            ("domid", .integer(Int64(vbd.domid))),
+            ("devid", .integer(Int64(vbd.devid))),
+            ("kind", .string(vbd.kind)),
+            ("backend_path", .string(vbd.backendPath)),
+            ("frontend_path", .string(vbd.frontendPath)),
+            ("backend_state", .string(vbd.backendState.description)),
+            ("frontend_state", .string((vbd.frontendState ?? .unknown).description)),
+            ("mode", .string(vbd.mode)),
+            ("target", .string(vbd.target)),
+            ("sectors", .integer(Int64(clamping: vbd.sectors))),
+            ("sector_size", .integer(Int64(vbd.sectorSize))),
+            ("physical_sector_size", .integer(Int64(vbd.physicalSectorSize))),
+            ("protocol", vbd.protocol.map(JSONValue.string) ?? .null),
+            ("queues", .integer(Int64(vbd.queues))),
+            ("ring_page_order", .integer(Int64(vbd.ringPageOrder))),
+            ("persistent_grants", .bool(vbd.persistentGrants)),
+            ("max_indirect_segments", .integer(Int64(vbd.maxIndirectSegments))),
+            ("features", .object([("flush", .bool(vbd.features.flush)), ("barrier", .bool(vbd.features.barrier)),
+                                  ("discard", .bool(vbd.features.discard))])),
+        ]
+        if let error = vbd.error { members.append(("error", .string(error))) }
+        return .object(members)
+    }
+
+    static func statsJSON(_ statistics: VBDStatistics) -> JSONValue {
+        let counters: [(String, UInt64)] = [
+            ("rd_req", statistics.readRequests), ("wr_req", statistics.writeRequests),
+            ("f_req", statistics.flushRequests), ("ds_req", statistics.discardRequests),
+            ("oo_req", statistics.outOfResources), ("rd_sect", statistics.readSectors),
+            ("wr_sect", statistics.writeSectors), ("errors", statistics.errors), ("inflight", statistics.inflight),
+        ]
+        return .object(counters.map { ($0.0, .integer(Int64(clamping: $0.1))) })
+    }
+
+    // MARK: responses
+
+    private func json(_ status: Int, _ value: JSONValue, pretty: Bool) -> HTTPResponse {
+        Self.jsonResponse(status, value, pretty: pretty)
+    }
+
+    private func error(_ status: Int, _ message: String, pretty: Bool) -> HTTPResponse {
+        Self.errorResponse(status, message, pretty: pretty)
+    }
+
+    static func jsonResponse(_ status: Int, _ value: JSONValue, pretty: Bool) -> HTTPResponse {
+        HTTPResponse(status: status, headers: [("Content-Type", "application/json"), ("Cache-Control", "no-store")],
+                     body: Array((value.serialized(pretty: pretty) + "\n").utf8))
+    }
+
+    /// `{"error": "<one line>"}`.
+    public static func errorResponse(_ status: Int, _ message: String, pretty: Bool = false) -> HTTPResponse {
+        jsonResponse(status, .object([("error", .string(message))]), pretty: pretty)
+    }
+
+    // MARK: helpers
+
+    /// Decimal digits only (no sign, no spaces), within UInt32.
+    static func number(_ text: String) -> UInt32? {
+        guard !text.isEmpty, text.utf8.count <= 10, text.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) else { return nil }
+        return UInt32(text)
+    }
+
+    /// Client-supplied text echoed in an error: one line, bounded, no control characters.
+    static func printable(_ text: String) -> String {
+        let cleaned = String(String.UnicodeScalarView(text.unicodeScalars.prefix(64).map { $0.properties.generalCategory == .control ? "?" : $0 }))
+        return text.unicodeScalars.count > 64 ? cleaned + "…" : cleaned
+    }
+
+    /// `?pretty` (unless `pretty=0|false`), or an Accept header that ranks text above JSON.
+    static func wantsPretty(_ request: HTTPRequest) -> Bool {
+        if let value = request.query["pretty"] { return value != "0" && value.lowercased() != "false" }
+        guard let accept = request.header("Accept") else { return false }
+        var jsonQuality = 0.0, textQuality = 0.0
+        for range in accept.split(separator: ",") {
+            let parameters = range.split(separator: ";").map { $0.trimmingCharacters(in: .whitespaces).lowercased() }
+            guard let type = parameters.first else { continue }
+            let quality = parameters.dropFirst().first { $0.hasPrefix("q=") }.flatMap { Double($0.dropFirst(2)) } ?? 1
+            switch type {
+            case "application/json", "application/*": jsonQuality = max(jsonQuality, quality)
+            case "text/plain", "text/*": textQuality = max(textQuality, quality)
+            case "*/*":
+                jsonQuality = max(jsonQuality, quality)
+            default: break
+            }
+        }
+        return textQuality > jsonQuality
+    }
+}

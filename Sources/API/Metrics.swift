@@ -1,0 +1,97 @@
+import Foundation
+import Engine
+
+/// Prometheus text exposition (format 0.0.4) of every VBD's counters, rendered from the
+/// control plane's snapshots at scrape time: a VBD that goes away takes its series with it.
+/// Modelled on node_exporter's node_disk_*: bytes and seconds, `_total` counters.
+public enum MetricsExposition {
+    public static let contentType = "text/plain; version=0.0.4; charset=utf-8"
+
+    private struct Counter: Sendable {
+        let name: String
+        let help: String
+        let value: @Sendable (VBDStatistics) -> UInt64
+    }
+
+    private static let counters: [Counter] = [
+        Counter(name: "blkback_reads_completed_total", help: "Read requests taken off the rings since connect (blkback rd_req).") { $0.readRequests },
+        Counter(name: "blkback_writes_completed_total", help: "Write requests taken off the rings since connect (blkback wr_req).") { $0.writeRequests },
+        Counter(name: "blkback_read_bytes_total", help: "Bytes submitted for reading since connect (rd_sect * 512).") { $0.readSectors &* 512 },
+        Counter(name: "blkback_written_bytes_total", help: "Bytes submitted for writing since connect (wr_sect * 512).") { $0.writeSectors &* 512 },
+        Counter(name: "blkback_flush_requests_total", help: "Flush and barrier requests since connect (blkback f_req).") { $0.flushRequests },
+        Counter(name: "blkback_discards_completed_total", help: "Discard requests since connect (blkback ds_req).") { $0.discardRequests },
+        Counter(name: "blkback_requests_out_of_resources_total", help: "Times a ring waited for I/O resources since connect (blkback oo_req).") { $0.outOfResources },
+        Counter(name: "blkback_request_errors_total", help: "Requests answered with an error status since connect.") { $0.errors },
+    ]
+
+    public static func render(_ snapshots: [VBDSnapshot]) -> String {
+        var text = ""
+        func family(_ name: String, _ type: String, _ help: String) {
+            text += "# HELP \(name) \(escapeHelp(help))\n# TYPE \(name) \(type)\n"
+        }
+        func sample(_ name: String, _ labels: [(String, String)], _ value: String) {
+            text += name
+            if !labels.isEmpty {
+                text += "{" + labels.map { "\($0.0)=\"\(escapeLabel($0.1))\"" }.joined(separator: ",") + "}"
+            }
+            text += " \(value)\n"
+        }
+        let devices = snapshots.map { ($0, identity($0), $0.statistics ?? VBDStatistics()) }
+
+        for counter in counters {
+            family(counter.name, "counter", counter.help)
+            for (_, labels, statistics) in devices { sample(counter.name, labels, "\(counter.value(statistics))") }
+        }
+        family("blkback_io_now", "gauge", "Requests taken off the rings and not answered yet.")
+        for (_, labels, statistics) in devices { sample("blkback_io_now", labels, "\(statistics.inflight)") }
+
+        let histogram = "blkback_request_duration_seconds"
+        family(histogram, "histogram", "Time from taking a request off the ring to writing its response, since connect.")
+        for (_, labels, statistics) in devices {
+            for operation in BlockOperationKind.allCases {
+                let latency = statistics.latency(operation)
+                let opLabels = labels + [("op", operation.description)]
+                for (bound, count) in zip(LatencyHistogram.upperBounds, latency.cumulativeCounts) {
+                    sample(histogram + "_bucket", opLabels + [("le", "\(bound)")], "\(count)")
+                }
+                sample(histogram + "_bucket", opLabels + [("le", "+Inf")], "\(latency.count)")
+                sample(histogram + "_sum", opLabels, "\(latency.sumSeconds)")
+                sample(histogram + "_count", opLabels, "\(latency.count)")
+            }
+        }
+
+        family("blkback_vbd_info", "gauge", "Always 1; labels describe the VBD.")
+        for (snapshot, labels, _) in devices {
+            sample("blkback_vbd_info", labels + [
+                ("backend_path", snapshot.backendPath), ("frontend_path", snapshot.frontendPath),
+                ("mode", snapshot.mode), ("target", snapshot.target), ("protocol", snapshot.protocol ?? ""),
+            ], "1")
+        }
+        family("blkback_vbd_state", "gauge", "The backend's xenbus state (1 Initialising, 2 InitWait, 4 Connected, 5 Closing, 6 Closed).")
+        for (snapshot, labels, _) in devices { sample("blkback_vbd_state", labels, "\(snapshot.backendState.rawValue)") }
+        return text
+    }
+
+    private static func identity(_ snapshot: VBDSnapshot) -> [(String, String)] {
+        [("domid", "\(snapshot.domid)"), ("devid", "\(snapshot.devid)"), ("kind", snapshot.kind)]
+    }
+
+    /// Label values escape backslash, double quote and line feed.
+    static func escapeLabel(_ value: String) -> String {
+        var escaped = ""
+        for character in value.unicodeScalars {
+            switch character {
+            case "\\": escaped += "\\\\"
+            case "\"": escaped += "\\\""
+            case "\n": escaped += "\\n"
+            default: escaped.unicodeScalars.append(character)
+            }
+        }
+        return escaped
+    }
+
+    /// HELP text escapes backslash and line feed.
+    static func escapeHelp(_ value: String) -> String {
+        value.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\n", with: "\\n")
+    }
+}

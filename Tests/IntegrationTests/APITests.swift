@@ -1,0 +1,202 @@
+import Foundation
+import Testing
+
+/// The HTTP API of a running blkback-server on the simulator, through curl.
+@Suite(.serialized) struct APITests {
+    @Test func endpointsAnswerPerTheContract() throws {
+        let rig = try APIRig("api")
+        defer { rig.stop() }
+        try rig.startGuest()
+
+        let health = try rig.get("/healthz")
+        #expect(health.status == 200 && health.body == "{\"status\":\"ok\"}\n", "\(health)")
+        #expect(health.headers["content-type"] == "application/json")
+
+        #expect(try eventually(timeout: 15) { try rig.isConnected() }, "daemon: \(rig.daemon.output)")
+        let list = try rig.get("/v1/vbds")
+        #expect(list.status == 200)
+        let vbds = try #require(list.json?["vbds"] as? [[String: Any]])
+        #expect(vbds.count == 1)
+        let vbd = try #require(vbds.first)
+        #expect(vbd["domid"] as? Int == 1 && vbd["devid"] as? Int == 51712 && vbd["kind"] as? String == "vbd")
+        #expect(vbd["frontend_state"] as? String == "Connected")
+        #expect(vbd["target"] as? String == rig.disk)
+        #expect(vbd["sectors"] as? Int == (64 << 20) / 512)
+        #expect(vbd["mode"] as? String == "w" && vbd["protocol"] as? String == "x86_64-abi")
+        for key in ["backend_path", "frontend_path", "sector_size", "physical_sector_size", "queues", "ring_page_order",
+                    "persistent_grants", "max_indirect_segments", "features"] {
+            #expect(vbd[key] != nil, "VBD lacks \(key)")
+        }
+
+        // Counters grow while the guest works.
+        let first = try rig.stats()
+        #expect(try eventually(timeout: 10) {
+            let now = try rig.stats()
+            return now["rd_req"]! + now["wr_req"]! > first["rd_req"]! + first["wr_req"]!
+        })
+        #expect(Set(first.keys) == ["rd_req", "wr_req", "f_req", "ds_req", "oo_req", "rd_sect", "wr_sect", "errors", "inflight"])
+
+        // Pretty on request; HEAD where GET is allowed.
+        #expect(try rig.get(APIRig.vbd + "?pretty").body.contains("\n  \"domid\": 1,\n"))
+        #expect(try rig.get(APIRig.vbd, headers: ["Accept: text/plain"]).body.contains("\n  \"domid\": 1,\n"))
+        let head = try rig.request("HEAD", "/v1/vbds")
+        #expect(head.status == 200 && head.body.isEmpty)
+
+        let metrics = try rig.get("/metrics")
+        #expect(metrics.status == 200 && metrics.headers["content-type"]?.hasPrefix("text/plain; version=0.0.4") == true)
+        #expect(metrics.body.contains(#"blkback_vbd_state{domid="1",devid="51712",kind="vbd"} 4"#))
+
+        // Errors: JSON, one line, the right 4xx.
+        let unknownPath = try rig.get("/v2/nothing")
+        #expect(unknownPath.status == 404 && unknownPath.error != nil)
+        #expect(try rig.get("/healthz%00x").status == 404)   // a NUL does not cut the path short
+        #expect(try rig.get("/v1/vb%64s").status == 200)     // percent-decoded otherwise
+        let unknownVBD = try rig.get("/v1/vbds/7/51712/stats")
+        #expect(unknownVBD.status == 404 && unknownVBD.error != nil)
+        let badNumber = try rig.get("/v1/vbds/one/51712")
+        #expect(badNumber.status == 400 && badNumber.error != nil)
+        let wrongMethod = try rig.request("DELETE", APIRig.vbd)
+        #expect(wrongMethod.status == 405 && wrongMethod.headers["allow"] == "GET, HEAD" && wrongMethod.error != nil)
+        let getState = try rig.get(APIRig.vbd + "/state")
+        #expect(getState.status == 405 && getState.headers["allow"] == "POST")
+
+        #expect(rig.stopGuest().status == 0)
+    }
+
+    @Test func hostileBodiesAreRefusedCleanly() throws {
+        let rig = try APIRig("api-bodies")
+        defer { rig.stop() }
+        let state = APIRig.vbd + "/state"
+
+        // 10 MiB: refused from Content-Length, and again when sent chunked (no length).
+        let huge = [UInt8](repeating: UInt8(ascii: "a"), count: 10 << 20)
+        let declared = try rig.request("POST", state, body: huge, headers: ["Content-Type: application/json"])
+        #expect(declared.status == 413 && declared.error != nil, "\(declared.status) \(declared.body)")
+        let chunked = try rig.request("POST", state, body: huge, headers: ["Content-Type: application/json", "Transfer-Encoding: chunked"])
+        #expect(chunked.status == 413 && chunked.error != nil, "\(chunked.status) \(chunked.body)")
+
+        let invalidUTF8: [UInt8] = Array(#"{"state":"clos"#.utf8) + [0xFF, 0xFE] + Array(#"ing"}"#.utf8)
+        let deep = String(repeating: "[", count: 10_000) + String(repeating: "]", count: 10_000)
+        let cases: [(String, [UInt8])] = [
+            ("invalid UTF-8", invalidUTF8),
+            ("deep nesting", Array(deep.utf8)),
+            ("duplicate keys", Array(#"{"state":"closing","state":"closed"}"#.utf8)),
+            ("trailing garbage", Array(#"{"state":"closing"}garbage"#.utf8)),
+            ("wrong type", Array(#"{"state":5}"#.utf8)),
+            ("unknown state", Array(#"{"state":"open"}"#.utf8)),
+            ("not an object", Array(#"["closing"]"#.utf8)),
+            ("empty", []),
+        ]
+        for (name, body) in cases {
+            let answer = try rig.request("POST", state, body: body, headers: ["Content-Type: application/json"])
+            #expect(answer.status == 400, "\(name): \(answer.status) \(answer.body)")
+            #expect(answer.error.map { !$0.contains("\n") } == true, "\(name): \(answer.body)")
+        }
+        // The daemon is still serving.
+        #expect(try rig.get("/healthz").status == 200)
+        #expect(try rig.backendState() == "InitWait")
+    }
+
+    @Test func stateCommandsCloseAndReconnectARunningGuest() throws {
+        let rig = try APIRig("api-state")
+        defer { rig.stop() }
+        try rig.startGuest()
+        #expect(try eventually(timeout: 15) { try rig.isConnected() })
+        let state = APIRig.vbd + "/state"
+
+        #expect(try rig.post(state, #"{"state":"reconnect"}"#).status == 409)   // Connected
+
+        // closing: the backend goes Closing, the guest answers Closed, the backend follows.
+        let closing = try rig.post(state, #"{"state":"closing"}"#)
+        #expect(closing.status == 202 && closing.json?["backend_state"] as? String == "Closing", "\(closing.body)")
+        #expect(try eventually(timeout: 10) { try rig.backendState() == "Closed" })
+        let again = try rig.post(state, #"{"state":"closing"}"#)
+        #expect(again.status == 409 && again.error != nil)
+        #expect(try rig.post(state, #"{"state":"closed"}"#).status == 409)
+
+        // reconnect: InitWait; the guest renegotiates by itself and its I/O resumes.
+        var reconnect = HTTPExchange(status: 0, headers: [:], body: "")
+        #expect(try eventually(timeout: 10) {
+            reconnect = try rig.post(state, #"{"state":"reconnect"}"#)   // 409 while the rings drain
+            return reconnect.status == 202
+        }, "\(reconnect.body)")
+        #expect(try eventually(timeout: 15) { try rig.isConnected() })
+        #expect(try eventually(timeout: 10) { try rig.stats()["rd_req"]! > 0 })
+
+        // closed: immediately Closed; reconnect once the guest has closed its side.
+        let closed = try rig.post(state, #"{"state":"closed"}"#)
+        #expect(closed.status == 202 && closed.json?["backend_state"] as? String == "Closed", "\(closed.body)")
+        #expect(try eventually(timeout: 10) {
+            try rig.post(state, #"{"state":"reconnect"}"#).status == 202
+        })
+        #expect(try eventually(timeout: 15) { try rig.isConnected() })
+        let before = try rig.stats()
+        #expect(try eventually(timeout: 10) { try rig.stats()["wr_req"]! > before["wr_req"]! })
+
+        let (status, report) = rig.stopGuest()
+        #expect(status == 0, "guest: \(String(describing: report))")
+        #expect(report?["verify_failures"] as? Int == 0)
+        #expect(report?["errors"] as? Int == 0)
+        #expect((report?["reconnects"] as? Int ?? 0) >= 2)
+
+        // A device the toolstack is removing (online=0) is not offered again.
+        #expect(try eventually(timeout: 10) { try rig.backendState() == "Closed" })
+        let offline = try rig.sim.xenstore("xenstore-write", ["/local/domain/0/backend/vbd/1/51712/online", "0"])
+        #expect(offline.status == 0)
+        let refused = try rig.post(state, #"{"state":"reconnect"}"#)
+        #expect(refused.status == 409 && refused.error?.contains("online=0") == true, "\(refused.body)")
+
+        let unknown = try rig.post("/v1/vbds/1/51713/state", #"{"state":"closing"}"#)
+        #expect(unknown.status == 404)
+    }
+
+    @Test func bearerTokenGuardsEverythingButHealth() throws {
+        let tokenFile = try Harness.temporaryDirectory("api-token").appendingPathComponent("token")
+        defer { try? FileManager.default.removeItem(at: tokenFile.deletingLastPathComponent()) }
+        try "correct-horse-battery\n".write(to: tokenFile, atomically: true, encoding: .utf8)
+        let rig = try APIRig("api-token", daemonArguments: ["--token-file", tokenFile.path], attach: false)
+        defer { rig.stop() }
+
+        #expect(try rig.get("/healthz").status == 200)
+        for path in ["/v1/vbds", "/metrics", "/v1/vbds/1/51712", "/nowhere"] {
+            let missing = try rig.get(path)
+            #expect(missing.status == 401 && missing.error != nil && missing.headers["www-authenticate"]?.hasPrefix("Bearer") == true, "\(path)")
+            #expect(try rig.get(path, headers: ["Authorization: Bearer correct-horse-batter"]).status == 401)
+            #expect(try rig.get(path, headers: ["Authorization: Basic correct-horse-battery"]).status == 401)
+        }
+        #expect(try rig.post(APIRig.vbd + "/state", #"{"state":"closing"}"#).status == 401)
+        let authorized = try rig.get("/v1/vbds", headers: ["Authorization: Bearer correct-horse-battery"])
+        #expect(authorized.status == 200 && authorized.body == "{\"vbds\":[]}\n")
+        #expect(try rig.get("/metrics", headers: ["Authorization: Bearer correct-horse-battery"]).status == 200)
+    }
+
+    @Test func nonLoopbackWithoutTokenIsRefused() throws {
+        let sim = try Simulator("api-listen")
+        defer { sim.stop() }
+        for address in ["0.0.0.0:18999", "[::]:18999"] {
+            let result = try Harness.run(Harness.executable("blkback-server"), ["--sim", sim.path, "--listen", address], timeout: 20)
+            #expect(result.status == 2, "\(address): \(result.stderr)")
+            #expect(result.stderr.contains("without --token-file") && result.stderr.split(separator: "\n").count == 1)
+        }
+        let bad = try Harness.run(Harness.executable("blkback-server"), ["--sim", sim.path, "--tls-cert", "/nonexistent"], timeout: 20)
+        #expect(bad.status == 2 && bad.stderr.split(separator: "\n").count == 1, "\(bad.stderr)")
+    }
+
+    @Test func httpsWithACertificate() throws {
+        guard (try? Harness.which("openssl")) != nil else { return }
+        let directory = try Harness.temporaryDirectory("api-tls")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let cert = directory.appendingPathComponent("cert.pem").path, key = directory.appendingPathComponent("key.pem").path
+        let made = try Harness.run("openssl", ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                                               "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"])
+        #expect(made.status == 0, "\(made.stderr)")
+        let rig = try APIRig("api-tls", daemonArguments: ["--tls-cert", cert, "--tls-key", key], scheme: "https", attach: false)
+        defer { rig.stop() }
+        #expect(rig.daemon.output.contains("HTTP API listening on https://"))
+        let health = try rig.request("GET", "/healthz", curlArguments: ["--cacert", cert])
+        #expect(health.status == 200 && health.body == "{\"status\":\"ok\"}\n")
+        // Plain HTTP to the TLS port gets no answer.
+        let plain = try Harness.run("curl", ["-sS", "--max-time", "5", "http://127.0.0.1:\(rig.port)/healthz"], timeout: 20)
+        #expect(plain.status != 0 || !plain.stdout.contains("\"status\""))
+    }
+}
