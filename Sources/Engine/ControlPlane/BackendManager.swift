@@ -15,7 +15,7 @@ public final class BackendManager: @unchecked Sendable {
     // Owned by the control-plane thread.
     private var devices: [String: VBD] = [:]
     /// Rings of forgotten devices that still had requests in flight.
-    private var draining: [any ConnectedRings] = []
+    private var draining: [VBD.PendingRelease] = []
 
     // Shared with other threads, under `lock`.
     private let lock = NSLock()
@@ -262,7 +262,7 @@ public final class BackendManager: @unchecked Sendable {
 
     private func retryDisconnects() {
         for device in devices.values where device.disconnectPending { device.retryDisconnect() }
-        draining.removeAll { $0.disconnect() }
+        draining.removeAll { $0.retry() }
     }
 
     private func publish() {
@@ -278,9 +278,13 @@ public final class BackendManager: @unchecked Sendable {
         let deadline = Date().addingTimeInterval(Self.shutdownDrainSeconds)
         while !draining.isEmpty, Date() < deadline {
             usleep(UInt32(Self.drainRetryMilliseconds) * 1000)
-            draining.removeAll { $0.disconnect() }
+            draining.removeAll { $0.retry() }
         }
-        if !draining.isEmpty { logger.warning("\(draining.count) rings still had requests in flight at shutdown") }
+        if !draining.isEmpty {
+            // The frontend is answered all the same: it must not wait for a backend that is gone.
+            logger.warning("\(draining.count) rings still had requests in flight at shutdown")
+            for pending in draining { pending.afterwards() }
+        }
         for kind in configuration.kinds {
             try? context.store.unwatch(configuration.backendRoot(kind: kind), token: WatchToken.backendTree(kind: kind).text)
         }

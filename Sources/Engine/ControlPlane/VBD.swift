@@ -391,27 +391,51 @@ final class VBD {
 
     enum StopReason { case removed, unregistered, shutdown }
 
+    /// Rings that still had requests in flight when the device stopped, and what to do once
+    /// they are released.
+    struct PendingRelease {
+        let rings: any ConnectedRings
+        let afterwards: () -> Void
+
+        /// True (and `afterwards` done) once the rings are released.
+        func retry() -> Bool {
+            guard rings.disconnect() else { return false }
+            afterwards()
+            return true
+        }
+    }
+
     /// xen_blkbk_remove: stop watching and serving, close the backing store. After
     /// `unregistered` the backend is left Closed like xenbus_dev_remove leaves it; a removed
     /// directory gets no writes; at daemon shutdown only connected devices are closed, the
-    /// others stay for the next instance to adopt. Returns rings still busy with in-flight
-    /// requests, for the caller to drain.
-    func stop(_ reason: StopReason) -> (any ConnectedRings)? {
+    /// others stay for the next instance to adopt. Closed is written only once the rings are
+    /// released (xen_blkif_disconnect comes first), so a frontend that sees Closed can take
+    /// its grants back; rings still busy are returned for the caller to drain.
+    func stop(_ reason: StopReason) -> PendingRelease? {
         let wasConnected = backendState == .connected
         for (path, token) in watches { try? store.unwatch(path, token: token.text) }
         watches.removeAll()
         let busy = disconnect() ? nil : connection
         connection = nil
         backingStore = nil
+        let afterwards: () -> Void
         switch reason {
-        case .removed: logger.info("backend directory removed; device forgotten")
+        case .removed:
+            logger.info("backend directory removed; device forgotten")
+            afterwards = {}
         case .unregistered:
-            try? switchState(.closed)
-            logger.info("device unregistered")
+            afterwards = { [self] in
+                try? switchState(.closed)
+                logger.info("device unregistered")
+            }
         case .shutdown:
-            if wasConnected { try? switchState(.closed) }
+            afterwards = { [self] in if wasConnected { try? switchState(.closed) } }
         }
-        return busy
+        guard let busy else {
+            afterwards()
+            return nil
+        }
+        return PendingRelease(rings: busy, afterwards: afterwards)
     }
 
     // MARK: xenbus helpers
