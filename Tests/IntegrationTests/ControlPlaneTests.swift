@@ -4,39 +4,9 @@ import Testing
 /// The control plane end to end: xensim's xenstored and toolstack, blkback-server as a separate
 /// process, and a "guest" driving its frontend state by hand through its own xenstore socket.
 @Suite(.serialized) struct ControlPlaneTests {
-    static let backend = "/local/domain/0/backend/vbd/1/51712"
-    static let frontend = "/local/domain/1/device/vbd/51712"
-
-    /// A simulator, a daemon serving it, domain 1 and a disk file.
-    final class Rig {
-        let sim: Simulator
-        let daemon: BackgroundProcess
-        let disk: String
-
-        init(_ label: String) throws {
-            sim = try Simulator(label)
-            daemon = try BackgroundProcess(Harness.executable("blkback-server"), ["--sim", sim.path, "--log-level", "debug"])
-            disk = sim.directory.appendingPathComponent("disk.img").path
-            #expect(FileManager.default.createFile(atPath: disk, contents: nil))
-            #expect(truncate(disk, 64 << 20) == 0)
-            let created = try sim.xensim(["domain", "create"], ["--domid", "1"])
-            #expect(created.status == 0, "domain create: \(created.stderr)")
-        }
-
-        func read(_ path: String) throws -> String? {
-            let result = try sim.xenstore("xenstore-read", [path])
-            return result.status == 0 ? result.stdout.trimmingCharacters(in: .newlines) : nil
-        }
-
-        func waitFor(_ path: String, _ value: String?, timeout: TimeInterval = 10) throws -> Bool {
-            try eventually(timeout: timeout) { try read(path) == value }
-        }
-
-        func stop() {
-            #expect(daemon.stop() == 0, "blkback-server did not exit 0 on SIGTERM: \(daemon.output)")
-            sim.stop()
-        }
-    }
+    typealias Rig = DaemonRig
+    static let backend = DaemonRig.backend
+    static let frontend = DaemonRig.frontend
 
     @Test func attachReachesInitWaitAndTheGuestDrivesTheStateMachine() throws {
         let rig = try Rig("ctl")

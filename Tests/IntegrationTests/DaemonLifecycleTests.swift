@@ -5,63 +5,13 @@ import Testing
 /// finish in-flight I/O, answer the frontend, exit 0 within 10 s), a restart the guests
 /// reconnect across, and the demo the README starts.
 @Suite(.serialized) struct DaemonLifecycleTests {
-    static let backend = ControlPlaneTests.backend
+    typealias Rig = DaemonRig
+    static let backend = DaemonRig.backend
 
-    /// A simulator with domain 1 and a disk attached, served by a daemon that can be replaced.
-    final class Rig {
-        let sim: Simulator
-        let disk: String
-        var daemon: BackgroundProcess
-
-        init(_ label: String) throws {
-            sim = try Simulator(label)
-            daemon = try Self.startDaemon(sim)
-            disk = sim.directory.appendingPathComponent("disk.img").path
-            #expect(FileManager.default.createFile(atPath: disk, contents: nil) && truncate(disk, 64 << 20) == 0)
-            #expect(try sim.xensim(["domain", "create"], ["--domid", "1"]).status == 0)
-            let attach = try sim.xensim(["attach"], ["--domid", "1", "--devid", "51712", "--target", disk])
-            #expect(attach.status == 0, "attach: \(attach.stderr) daemon: \(daemon.output)")
-        }
-
-        static func startDaemon(_ sim: Simulator) throws -> BackgroundProcess {
-            try BackgroundProcess(Harness.executable("blkback-server"), ["--sim", sim.path, "--log-level", "debug"])
-        }
-
-        func backendState() throws -> String? {
-            let result = try sim.xenstore("xenstore-read", ["\(DaemonLifecycleTests.backend)/state"])
-            return result.status == 0 ? result.stdout.trimmingCharacters(in: .newlines) : nil
-        }
-
-        func waitForBackend(_ state: String, timeout: TimeInterval = 20) throws -> Bool {
-            try eventually(timeout: timeout) { try backendState() == state }
-        }
-
-        func guest(_ arguments: [String]) throws -> BackgroundProcess {
-            try BackgroundProcess(Harness.executable("xensim"), [
-                "frontend", "--dir", sim.path, "--domid", "1", "--devid", "51712", "--json"] + arguments)
-        }
-
-        /// Sends `signal` to the daemon; returns its exit status and how long it took to exit.
-        func signalDaemon(_ signal: Int32) -> (status: Int32, seconds: TimeInterval) {
-            let sent = Date()
-            let status = daemon.stop(signal: signal, grace: 15)
-            return (status, Date().timeIntervalSince(sent))
-        }
-
-        func stop() {
-            #expect(daemon.stop() == 0, "blkback-server did not exit 0 on SIGTERM: \(daemon.output)")
-            sim.stop()
-        }
-    }
-
-    /// The JSON report a frontend printed (its stdout's object line).
-    static func report(_ process: BackgroundProcess) -> [String: Any] {
-        let line = process.output.split(separator: "\n").first { $0.hasPrefix("{") }.map(String.init) ?? ""
-        return (try? JSONSerialization.jsonObject(with: Data(line.utf8))) as? [String: Any] ?? [:]
-    }
+    static func report(_ process: BackgroundProcess) -> [String: Any] { DaemonRig.report(process.output) }
 
     @Test func sigtermMidWorkloadDrainsAndTheGuestReconnectsToTheNextDaemon() throws {
-        let rig = try Rig("drain")
+        let rig = try Rig("drain", attach: true)
         defer { rig.stop() }
         // A small region: after the restart nearly every block is read again, so a write the
         // guest saw acknowledged and the drain lost would be a verification failure.
@@ -97,7 +47,7 @@ import Testing
     }
 
     @Test func sigintEndsAGuestThatDoesNotReconnectWithEveryGrantReturned() throws {
-        let rig = try Rig("sigint")
+        let rig = try Rig("sigint", attach: true)
         defer { rig.stop() }
         let guest = try rig.guest(["--workload", "randwrite", "--size", "8M", "--seconds", "60", "--no-reconnect"])
         #expect(try rig.waitForBackend("4"), "never Connected: \(rig.daemon.output) \(guest.output)")
