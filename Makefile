@@ -1,5 +1,8 @@
-.PHONY: build test demo
+.PHONY: build test demo e2e-xen
 build:
 	swift build
 test:
 	scripts/test.sh
+# Real Xen under QEMU (slow: ~10 min, ~6 GiB under /var/tmp/blkback-e2e; root). Not part of `test`.
+e2e-xen:
+	XEN_E2E=1 Tests/e2e-xen/run.sh
