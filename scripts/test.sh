@@ -5,3 +5,5 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 swift build
 swift test --parallel "$@"
+# The real-Xen rig (minutes, root, QEMU) only on request: XEN_E2E=1 make test, or make e2e-xen.
+if [ "${XEN_E2E:-0}" = 1 ]; then Tests/e2e-xen/run.sh; fi

@@ -17,13 +17,18 @@ for m in xen-evtchn xen-gntdev xen-gntalloc xen-privcmd; do modprobe $m; done
 # Kernel blkback is loaded only for its own run, never behind our daemon's back.
 echo "blacklist xen-blkback" > /etc/modprobe.d/e2e-no-kernel-blkback.conf
 mkdir -p /var/log/xen/console /run/xen
+# Guests' consoles go to files, which run_guest copies to ours.
+echo 'XENCONSOLED_ARGS="--log=guest --log-dir=/var/log/xen/console"' >> /etc/default/xen
 /etc/init.d/xen start >$LOG/xen-start.log 2>&1 || { say "xen start failed"; cat $LOG/xen-start.log; }
 say "phase=xen-up uptime=$(cut -d' ' -f1 /proc/uptime) xenstored=$(ls /run/xenstored/socket 2>&1)"
 xl info | grep -E '^(xen_version|total_memory|free_memory|nr_cpus)' | sed 's/^/E2E-DOM0 xl-info /'
 
 KERNEL=$(ls /boot/vmlinuz-* | head -1)
-# Shows a guest's console (kept by xenconsoled) on ours, prefixed with its name.
-follow_console() { tail -n +1 -F /var/log/xen/console/guest-$1.log 2>/dev/null | sed -u "s/^/[$1] /" & echo $!; }
+# Copies a log file to our console, each line prefixed with [name]; unfollow name ends it.
+follow() { # file name
+    ( tail -n +1 -F "$1" 2>/dev/null & echo $! > /tmp/follow-$2.pid; wait ) | sed -u "s/^/[$2] /" &
+}
+unfollow() { sleep 1; kill "$(cat /tmp/follow-$1.pid)" 2>/dev/null; }
 
 # What the frontend wrote and what the backend offered, from dom0's xenstore.
 print_negotiated() { # backend domid kind
@@ -45,7 +50,7 @@ api() { curl -sS -m 10 "$@"; }
 
 # One guest: create, watch its console for the steps that need dom0, wait until it is gone.
 run_guest() { # backend disk-spec hotplug force
-    local b=$1 name=e2e-$1 domid follower t0=$(date +%s)
+    local b=$1 name=e2e-$1 domid t0=$(date +%s)
     cat > /tmp/$name.cfg <<CFG
 name = "$name"
 type = "pv"
@@ -58,11 +63,11 @@ disk = [ '$2' ]
 on_poweroff = "destroy"
 CFG
     : > /var/log/xen/console/guest-$name.log
-    follower=$(follow_console $name)
+    follow /var/log/xen/console/guest-$name.log $name
     if ! xl create /tmp/$name.cfg >$LOG/xl-create-$b.log 2>&1; then
         say "backend=$b xl-create failed"; sed "s/^/E2E-DOM0 xl: /" $LOG/xl-create-$b.log
         echo "E2E-RESULT backend=$b test=attach ok=0 reason=xl-create-failed"
-        kill $follower; return 1
+        unfollow $name; return 1
     fi
     domid=$(xl domid $name)
     say "backend=$b domid=$domid created in $(( $(date +%s) - t0 )) s"
@@ -100,8 +105,7 @@ CFG
         say "backend=$b guest still running; destroying it"; xl destroy $name
         echo "E2E-RESULT backend=$b test=shutdown ok=0 reason=timeout"
     fi
-    sleep 1
-    kill $follower 2>/dev/null
+    unfollow $name
     local left
     left=$(xenstore-ls /local/domain/0/backend/vbd/$domid 2>/dev/null | wc -l)
     echo "E2E-RESULT backend=$b test=clean-close ok=$([ "$left" = 0 ] && echo 1 || echo 0) backend_nodes_left=$left"
@@ -145,8 +149,7 @@ for b in $BACKENDS; do
         if api -f http://127.0.0.1:8080/healthz >/dev/null 2>&1; then API=1; say "api=available"
         else API=0; say "api=unavailable"; echo "E2E-RESULT backend=ours test=api-counters skipped=1 reason=no-http-api"
              echo "E2E-RESULT backend=ours test=api-forced-close skipped=1 reason=no-http-api"; fi
-        ( tail -n +1 -F $LOG/blkback-server.log | sed -u 's/^/[blkback-server] /' ) &
-        FOLLOW_DAEMON=$!
+        follow $LOG/blkback-server.log blkback-server
         run_guest ours "phy:$DATA_DISK,xvda,w" 1 $API
         if kill -0 $DAEMON 2>/dev/null; then
             kill -TERM $DAEMON; t=0; while kill -0 $DAEMON 2>/dev/null && [ $t -lt 20 ]; do sleep 0.5; t=$((t+1)); done
@@ -155,7 +158,7 @@ for b in $BACKENDS; do
         else
             wait $DAEMON; echo "E2E-RESULT backend=ours test=daemon-alive ok=0 exit=$?"
         fi
-        sleep 1; kill $FOLLOW_DAEMON 2>/dev/null
+        unfollow blkback-server
         ;;
     esac
 done

@@ -103,21 +103,44 @@ trap cleanup EXIT INT TERM
 serial=$RUN/serial.log
 : > "$serial"
 log "booting Xen + dom0 under QEMU (TCG); serial console: $serial; timeout ${TIMEOUT}s"
-( tail -n +1 -F "$serial" 2>/dev/null | grep --line-buffered -aE 'E2E-|\[blkback-server\]|\[e2e-ours\]|Kernel panic|BUG:|Oops' ) &
-follower=$!
-set +e
-timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 -accel tcg,thread=multi -cpu qemu64 -m 6144 -smp 2 \
-    -machine q35 -nographic -no-reboot -pidfile "$RUN/qemu.pid" \
-    -kernel "$RUN/xen" \
-    -append "console=com1 com1=115200,8n1 dom0_mem=2048M,max:2048M dom0_max_vcpus=2 noreboot" \
-    -initrd "$rootfs/boot/vmlinuz-$kver root=/dev/vda rw console=hvc0 earlyprintk=xen init=/sbin/e2e-init,$rootfs/boot/initrd.img-$kver" \
-    -drive file="$rootimg",if=virtio,format=raw,snapshot=on,cache=unsafe \
-    -drive file="$RUN/payload.img",if=virtio,format=raw,readonly=on \
-    -drive file="$RUN/data.img",if=virtio,format=raw,cache=none,aio=native \
-    -drive file="$RUN/hot.img",if=virtio,format=raw,cache=none,aio=native \
-    -serial file:"$serial" -monitor none </dev/null >"$RUN/qemu.out" 2>&1
-qrc=$?
-set -e
+boot() {
+    : > "$serial"; rm -f "$RUN/qemu.pid"
+    timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 -accel tcg,thread=multi -cpu qemu64 -m 6144 -smp 2 \
+        -machine q35 -nographic -no-reboot -pidfile "$RUN/qemu.pid" \
+        -kernel "$RUN/xen" \
+        -append "console=com1 com1=115200,8n1 dom0_mem=2048M,max:2048M dom0_max_vcpus=2 noreboot" \
+        -initrd "$rootfs/boot/vmlinuz-$kver root=/dev/vda rw console=hvc0 earlyprintk=xen init=/sbin/e2e-init,$rootfs/boot/initrd.img-$kver" \
+        -drive file="$rootimg",if=virtio,format=raw,snapshot=on,cache=unsafe \
+        -drive file="$RUN/payload.img",if=virtio,format=raw,readonly=on \
+        -drive file="$RUN/data.img",if=virtio,format=raw,cache=none,aio=native \
+        -drive file="$RUN/hot.img",if=virtio,format=raw,cache=none,aio=native \
+        -serial file:"$serial" -monitor none </dev/null >"$RUN/qemu.out" 2>&1 &
+    local tpid=$! last=-1 quiet=0 size
+    # Progress on our stdout: the markers, the daemon's log and our guest's console.
+    sleep 2
+    tail -n +1 -F --pid=$tpid "$serial" 2>/dev/null | grep --line-buffered -aE 'E2E-|\[blkback-server\]|\[e2e-ours\]|Kernel panic|BUG:|Oops' &
+    follower=$!
+    # Watchdog: a console silent for E2E_STALL seconds means a hang (TCG occasionally hangs
+    # early in dom0's boot); QEMU is then ended by its pid.
+    while kill -0 $tpid 2>/dev/null; do
+        sleep 5
+        size=$(stat -c %s "$serial")
+        if [ "$size" = "$last" ]; then quiet=$((quiet + 5)); else quiet=0; last=$size; fi
+        if [ $quiet -ge "${E2E_STALL:-240}" ]; then
+            log "console silent for ${quiet}s; stopping QEMU"
+            kill "$(cat "$RUN/qemu.pid")" 2>/dev/null
+            wait $tpid; kill $follower 2>/dev/null; follower=""; return 2
+        fi
+    done
+    wait $tpid; local rc=$?
+    kill $follower 2>/dev/null; follower=""
+    return $rc
+}
+for attempt in 1 2; do
+    set +e; boot; qrc=$?; set -e
+    grep -aq 'E2E-DOM0 phase=init' "$serial" && break
+    log "dom0 never started (attempt $attempt, QEMU exit $qrc)"
+done
 sleep 1
 log "QEMU exited with $qrc after $(( $(date +%s) - start )) s (whole run)"
 
