@@ -81,7 +81,7 @@ CFG
     local api_ok=0
     if [ "$b" = ours ] && api -f http://127.0.0.1:8080/healthz >/dev/null 2>&1; then api_ok=1; fi
     if [ "$3" = 1 ]; then
-        if wait_for "grep -q 'phase=await-xvdb' $con" 600; then
+        if wait_for "grep -q 'phase=await-xvdb' $con" $((SECONDS_EACH * 6 + 400)); then
             if [ $api_ok = 1 ]; then check_api_counters $domid $con; fi
             xl block-attach $name "$HOTPLUG_DISK" >$LOG/block-attach.log 2>&1 \
                 && say "backend=$b block-attach rc=0" || { say "backend=$b block-attach failed"; cat $LOG/block-attach.log; }
@@ -99,7 +99,7 @@ CFG
         say "backend=$b api-force-closing http=$code body=$(head -c 300 $LOG/force.json)"
     fi
     # The guest powers itself off; the toolstack then tears the devices down.
-    if wait_for "! xl domid $name >/dev/null 2>&1" 900; then
+    if wait_for "! xl domid $name >/dev/null 2>&1" $((SECONDS_EACH * 6 + 500)); then
         say "backend=$b guest gone after $(( $(date +%s) - t0 )) s"
     else
         say "backend=$b guest still running; destroying it"; xl destroy $name

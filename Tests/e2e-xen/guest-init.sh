@@ -46,6 +46,8 @@ run_fio() { # test rw bs iodepth [extra fio args...]
 }
 
 say "phase=boot kernel=$(uname -r)"
+# A hung disk must not hang the run: the guest gives up and powers off on its own.
+( sleep $((SECONDS_EACH * 6 + 420)); result "test=guest-watchdog ok=0 reason=guest-timed-out"; poweroff -f ) &
 insmod /lib/modules/xen-blkfront.ko || say "insmod xen-blkfront failed"
 if ! wait_for '[ -b /dev/xvda ]' 60; then result "test=attach ok=0 reason=no-xvda"; finish; fi
 result "test=attach ok=1 sectors=$(cat /sys/block/xvda/size) write_cache=$(cat /sys/block/xvda/queue/write_cache | tr ' ' _) discard_max=$(cat /sys/block/xvda/queue/discard_max_bytes) max_segments=$(cat /sys/block/xvda/queue/max_segments) max_hw_kb=$(cat /sys/block/xvda/queue/max_hw_sectors_kb) nr_queues=$(ls /sys/block/xvda/mq | wc -l)"

@@ -41,7 +41,8 @@ mkdir -p "$CACHE"
 key=$(cat "$here/packages.txt" "$here/build-rootfs.sh" | sha256sum | cut -c1-16)
 rootfs=$CACHE/rootfs-$key
 if [ ! -d "$rootfs" ]; then
-    log "debootstrap of the dom0 root filesystem into $rootfs (once; ~2 min)"
+    log "debootstrap of the dom0 root filesystem into $rootfs (once; ~3 min)"
+    rm -rf "$CACHE"/rootfs-* "$CACHE"/root-*.img   # stale caches of other inputs
     "$here/build-rootfs.sh" "$rootfs" > "$CACHE/debootstrap-$key.log" 2>&1 \
         || die "debootstrap failed; see $CACHE/debootstrap-$key.log"
 fi
@@ -49,6 +50,7 @@ imgkey=$(cat "$here/e2e-init" | sha256sum | cut -c1-8)
 rootimg=$CACHE/root-$key-$imgkey.img
 if [ ! -f "$rootimg" ]; then
     log "making the dom0 root image $rootimg"
+    rm -f "$CACHE"/root-*.img
     install -m 755 "$here/e2e-init" "$rootfs/sbin/e2e-init"
     rm -f "$rootimg.tmp" && truncate -s 4G "$rootimg.tmp"
     mkfs.ext4 -q -F -d "$rootfs" "$rootimg.tmp" && mv "$rootimg.tmp" "$rootimg"
