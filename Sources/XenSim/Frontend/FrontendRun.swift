@@ -78,6 +78,7 @@ public struct FrontendConfiguration: Sendable {
 struct InFlightRequest {
     var io: PlannedIO
     var queue: Int
+    /// What the response must carry (the inner operation of an indirect request).
     var ringOperation: BlkifOperation
     var data: [GrantedPage]
     var indirect: [GrantedPage]
@@ -278,7 +279,11 @@ public final class FrontendRun {
             throw FrontendFailure("ring \(index) is full with \(inFlight.count) requests in flight")
         }
         if inFlight.isEmpty { lastProgress = monotonicNanoseconds() }
-        inFlight[id] = InFlightRequest(io: io, queue: index, ringOperation: request.operation, data: data,
+        // blkif_interrupt accepts only a response carrying the request's operation, the inner
+        // one (READ/WRITE) for an indirect request.
+        let answeredOperation: BlkifOperation
+        if case .indirect(let r) = request { answeredOperation = r.indirectOperation } else { answeredOperation = request.operation }
+        inFlight[id] = InFlightRequest(io: io, queue: index, ringOperation: answeredOperation, data: data,
                                        indirect: indirect, started: monotonicNanoseconds())
         return index
     }

@@ -24,7 +24,7 @@ private final class RequestSlot {
 
     var stage = Stage.idle
     var id: UInt64 = 0
-    /// Echoed in the response: the ring operation (BLKIF_OP_INDIRECT for indirect requests).
+    /// Echoed in the response: the ring operation, the inner one for indirect requests.
     var operation = BlkifOperation.read
     /// nil for operations without a latency histogram (unknown ones).
     var kind: BlockOperationKind?
@@ -242,7 +242,7 @@ final class RingWorker: @unchecked Sendable {
         }
         let slot = slots[index]
         slot.id = request.id
-        slot.operation = request.operation
+        slot.operation = request.responseOperation
         slot.status = .okay
         slot.started = DispatchTime.now().uptimeNanoseconds
         slot.outstanding = 0
