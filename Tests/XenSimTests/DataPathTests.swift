@@ -18,7 +18,9 @@ import XenSim
         let source = try guest.grantPages(2, readOnly: true) { 0x40 + UInt8($0) }
         let write = guest.readWrite(.write, sector: 8, refs: source.refs)
         #expect(try guest.roundTrip(write) == BlkifResponse(answering: write, status: .okay))
-        let flush = BlkifRequest.readWrite(.init(operation: .flushDiskCache, id: guest.makeID(), sectorNumber: 0))
+        // Linux blkfront's flush carries sector_number (sector_t)-1 and no segments; scaling
+        // it to a byte offset crashed the daemon on real Xen.
+        let flush = BlkifRequest.readWrite(.init(operation: .flushDiskCache, id: guest.makeID(), sectorNumber: .max))
         #expect(try guest.roundTrip(flush)?.status == .okay)
 
         let image = try guest.image()

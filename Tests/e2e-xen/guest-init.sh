@@ -21,6 +21,7 @@ wait_for() { i=0; while ! eval "$1"; do i=$((i+1)); [ $i -gt $(($2*2)) ] && retu
 
 # Pattern write + direct read back: the backend must return exactly what was written.
 verify_pattern() { # device MiB label
+    say "step=$3"
     dd if=/dev/urandom of=/tmp/pattern bs=1M count=$2 2>/dev/null
     want=$(sha256sum /tmp/pattern | cut -d' ' -f1)
     dd if=/tmp/pattern of=$1 bs=1M count=$2 conv=fsync 2>/dev/null; wrc=$?
@@ -34,6 +35,7 @@ verify_pattern() { # device MiB label
 # One fio job; prints iops and MiB/s of the direction it measures (terse v3 fields).
 run_fio() { # test rw bs iodepth [extra fio args...]
     t=$1; rw=$2; bs=$3; qd=$4; shift 4
+    say "step=$t"
     out=$(fio --name=$t --filename=/dev/xvda --direct=1 --ioengine=libaio --rw=$rw --bs=$bs \
         --iodepth=$qd --size=256M --runtime=$SECONDS_EACH --time_based --minimal "$@" 2>/tmp/fio.err)
     rc=$?
@@ -47,7 +49,9 @@ run_fio() { # test rw bs iodepth [extra fio args...]
 
 say "phase=boot kernel=$(uname -r)"
 # A hung disk must not hang the run: the guest gives up and powers off on its own.
-( sleep $((SECONDS_EACH * 6 + 420)); result "test=guest-watchdog ok=0 reason=guest-timed-out"; poweroff -f ) &
+( sleep $((SECONDS_EACH * 6 + 420))
+  result "test=guest-watchdog ok=0 reason=guest-timed-out inflight=$(cat /sys/block/xvda/inflight | tr -s ' ' ,) stat=$(tr -s ' ' , < /sys/block/xvda/stat)"
+  poweroff -f ) &
 insmod /lib/modules/xen-blkfront.ko || say "insmod xen-blkfront failed"
 if ! wait_for '[ -b /dev/xvda ]' 60; then result "test=attach ok=0 reason=no-xvda"; finish; fi
 result "test=attach ok=1 sectors=$(cat /sys/block/xvda/size) write_cache=$(cat /sys/block/xvda/queue/write_cache | tr ' ' _) discard_max=$(cat /sys/block/xvda/queue/discard_max_bytes) max_segments=$(cat /sys/block/xvda/queue/max_segments) max_hw_kb=$(cat /sys/block/xvda/queue/max_hw_sectors_kb) nr_queues=$(ls /sys/block/xvda/mq | wc -l)"

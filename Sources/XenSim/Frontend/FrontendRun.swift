@@ -235,7 +235,8 @@ public final class FrontendRun {
 
         if io.operation == .flush {
             let operation: BlkifOperation = negotiated.features.flush ? .flushDiskCache : .writeBarrier
-            request = .readWrite(.init(operation: operation, handle: handle, id: id, sectorNumber: 0))
+            // Like blkfront: a flush request's position is blk-mq's unset (sector_t)-1.
+            request = .readWrite(.init(operation: operation, handle: handle, id: id, sectorNumber: .max))
         } else {
             let write = io.operation == .write
             let sectorsPerPage = Int(Blkif.sectorsPerPage)

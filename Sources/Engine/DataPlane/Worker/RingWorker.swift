@@ -343,7 +343,10 @@ final class RingWorker: @unchecked Sendable {
         // additionally waits for everything before it (Linux blkback drains, then writes).
         slot.flushAfter = barrier || slot.operation == .flushDiskCache
         slot.isWrite = isWrite
-        slot.offset = sectorNumber * UInt64(Blkif.sectorSize)
+        // A flush without data carries no meaningful sector: Linux blkfront sends blk-mq's
+        // (sector_t)-1 there, which must not be scaled (it overflowed: found on real Xen).
+        // With segments the range is validated, so the byte offset fits.
+        slot.offset = segments.isEmpty ? 0 : sectorNumber * UInt64(Blkif.sectorSize)
         if !segments.isEmpty {
             do {
                 // READ fills the guest's pages: writable mapping; WRITE only reads them.
