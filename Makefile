@@ -1,4 +1,4 @@
-.PHONY: build test demo container-test
+.PHONY: build test demo container-test e2e-xen
 build:
 	swift build
 test:
@@ -7,3 +7,6 @@ demo:
 	scripts/demo.sh
 container-test:
 	scripts/container-test.sh
+# Real Xen under QEMU (slow: ~10 min, ~6 GiB under /var/tmp/blkback-e2e; root). Not part of `test`.
+e2e-xen:
+	XEN_E2E=1 Tests/e2e-xen/run.sh

@@ -9,3 +9,5 @@ swift test --parallel "$@"
 scripts/api-conformance.sh
 # Opt-in: the runtime image built with podman from host binaries, running the demo.
 if [ "${BLKBACK_CONTAINER_TEST:-0}" = 1 ]; then scripts/container-test.sh; fi
+# The real-Xen rig (minutes, root, QEMU) only on request: XEN_E2E=1 make test, or make e2e-xen.
+if [ "${XEN_E2E:-0}" = 1 ]; then Tests/e2e-xen/run.sh; fi

@@ -33,7 +33,7 @@ import Testing
                 #expect(taken == request, "round \(round)")
                 let status: BlkifResponseStatus = request.id % 2 == 0 ? .okay : .notSupported
                 let response = try pair.answer(BlkifResponse(answering: request, status: status))
-                #expect(response == BlkifResponse(id: request.id, operation: request.operation, status: status))
+                #expect(response == BlkifResponse(id: request.id, operation: request.responseOperation, status: status))
             }
         }
     }

@@ -78,6 +78,7 @@ public struct FrontendConfiguration: Sendable {
 struct InFlightRequest {
     var io: PlannedIO
     var queue: Int
+    /// What the response must carry (the inner operation of an indirect request).
     var ringOperation: BlkifOperation
     var data: [GrantedPage]
     var indirect: [GrantedPage]
@@ -234,7 +235,8 @@ public final class FrontendRun {
 
         if io.operation == .flush {
             let operation: BlkifOperation = negotiated.features.flush ? .flushDiskCache : .writeBarrier
-            request = .readWrite(.init(operation: operation, handle: handle, id: id, sectorNumber: 0))
+            // Like blkfront: a flush request's position is blk-mq's unset (sector_t)-1.
+            request = .readWrite(.init(operation: operation, handle: handle, id: id, sectorNumber: .max))
         } else {
             let write = io.operation == .write
             let sectorsPerPage = Int(Blkif.sectorsPerPage)
@@ -278,7 +280,11 @@ public final class FrontendRun {
             throw FrontendFailure("ring \(index) is full with \(inFlight.count) requests in flight")
         }
         if inFlight.isEmpty { lastProgress = monotonicNanoseconds() }
-        inFlight[id] = InFlightRequest(io: io, queue: index, ringOperation: request.operation, data: data,
+        // blkif_interrupt accepts only a response carrying the request's operation, the inner
+        // one (READ/WRITE) for an indirect request.
+        let answeredOperation: BlkifOperation
+        if case .indirect(let r) = request { answeredOperation = r.indirectOperation } else { answeredOperation = request.operation }
+        inFlight[id] = InFlightRequest(io: io, queue: index, ringOperation: answeredOperation, data: data,
                                        indirect: indirect, started: monotonicNanoseconds())
         return index
     }

@@ -200,7 +200,7 @@ public enum BlkifRequest: Sendable, Equatable {
         }
     }
 
-    /// The ring operation, echoed in the response (BLKIF_OP_INDIRECT for indirect requests).
+    /// The ring operation (BLKIF_OP_INDIRECT for indirect requests).
     public var operation: BlkifOperation {
         switch self {
         case .readWrite(let r): r.operation
@@ -208,6 +208,14 @@ public enum BlkifRequest: Sendable, Equatable {
         case .indirect: .indirect
         case .other(let operation, _): operation
         }
+    }
+
+    /// The operation the response carries: an indirect request is answered with its inner
+    /// operation (READ/WRITE), as Linux blkback does; Linux blkfront disables the disk on a
+    /// response whose operation is not that one ("response has wrong operation").
+    public var responseOperation: BlkifOperation {
+        if case .indirect(let r) = self { return r.indirectOperation }
+        return operation
     }
 }
 
@@ -249,7 +257,7 @@ public struct BlkifResponse: Sendable, Equatable {
 
     /// The answer to `request` with `status`.
     public init(answering request: BlkifRequest, status: BlkifResponseStatus) {
-        self.init(id: request.id, operation: request.operation, status: status)
+        self.init(id: request.id, operation: request.responseOperation, status: status)
     }
 }
 

@@ -24,7 +24,7 @@ private final class RequestSlot {
 
     var stage = Stage.idle
     var id: UInt64 = 0
-    /// Echoed in the response: the ring operation (BLKIF_OP_INDIRECT for indirect requests).
+    /// Echoed in the response: the ring operation, the inner one for indirect requests.
     var operation = BlkifOperation.read
     /// nil for operations without a latency histogram (unknown ones).
     var kind: BlockOperationKind?
@@ -242,7 +242,7 @@ final class RingWorker: @unchecked Sendable {
         }
         let slot = slots[index]
         slot.id = request.id
-        slot.operation = request.operation
+        slot.operation = request.responseOperation
         slot.status = .okay
         slot.started = DispatchTime.now().uptimeNanoseconds
         slot.outstanding = 0
@@ -343,7 +343,10 @@ final class RingWorker: @unchecked Sendable {
         // additionally waits for everything before it (Linux blkback drains, then writes).
         slot.flushAfter = barrier || slot.operation == .flushDiskCache
         slot.isWrite = isWrite
-        slot.offset = sectorNumber * UInt64(Blkif.sectorSize)
+        // A flush without data carries no meaningful sector: Linux blkfront sends blk-mq's
+        // (sector_t)-1 there, which must not be scaled (it overflowed: found on real Xen).
+        // With segments the range is validated, so the byte offset fits.
+        slot.offset = segments.isEmpty ? 0 : sectorNumber * UInt64(Blkif.sectorSize)
         if !segments.isEmpty {
             do {
                 // READ fills the guest's pages: writable mapping; WRITE only reads them.

@@ -1,0 +1,168 @@
+#!/bin/bash
+# Runs in dom0 (started as PID 1 by /sbin/e2e-init from the cached root image; this file and
+# everything else of one run come from the payload disk mounted at /e2e). Starts the Xen
+# services, runs the same guest workloads on kernel blkback, QEMU qdisk and blkback-server,
+# prints everything the host needs as "E2E-..." lines on the console, then powers off.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+E2E=/e2e
+. $E2E/config   # SECONDS_EACH, BACKENDS
+LOG=/var/log/e2e; mkdir -p $LOG
+say() { echo "E2E-DOM0 $*"; }
+# Wait up to $2 seconds for the test "$1" to hold.
+wait_for() { local i=0; while ! eval "$1"; do i=$((i+1)); [ $i -gt $(($2*2)) ] && return 1; sleep 0.5; done; }
+
+say "phase=init uptime=$(cut -d' ' -f1 /proc/uptime)"
+modprobe xenfs && mount -t xenfs xenfs /proc/xen
+for m in xen-evtchn xen-gntdev xen-gntalloc xen-privcmd; do modprobe $m; done
+# Kernel blkback is loaded only for its own run, never behind our daemon's back.
+echo "blacklist xen-blkback" > /etc/modprobe.d/e2e-no-kernel-blkback.conf
+mkdir -p /var/log/xen/console /run/xen
+# Guests' consoles go to files, which run_guest copies to ours.
+echo 'XENCONSOLED_ARGS="--log=guest --log-dir=/var/log/xen/console"' >> /etc/default/xen
+/etc/init.d/xen start >$LOG/xen-start.log 2>&1 || { say "xen start failed"; cat $LOG/xen-start.log; }
+say "phase=xen-up uptime=$(cut -d' ' -f1 /proc/uptime) xenstored=$(ls /run/xenstored/socket 2>&1)"
+xl info | grep -E '^(xen_version|total_memory|free_memory|nr_cpus)' | sed 's/^/E2E-DOM0 xl-info /'
+
+KERNEL=$(ls /boot/vmlinuz-* | head -1)
+# Copies a log file to our console, each line prefixed with [name]; unfollow name ends it.
+follow() { # file name
+    ( tail -n +1 -F "$1" 2>/dev/null & echo $! > /tmp/follow-$2.pid; wait ) | sed -u "s/^/[$2] /" &
+}
+unfollow() { sleep 1; kill "$(cat /tmp/follow-$1.pid)" 2>/dev/null; }
+
+# What the frontend wrote and what the backend offered, from dom0's xenstore.
+print_negotiated() { # backend domid kind
+    local fe=/local/domain/$2/device/vbd/51712 be
+    be=$(xenstore-read $fe/backend 2>/dev/null)
+    local line="E2E-NEGOTIATED backend=$1"
+    for k in protocol ring-page-order multi-queue-num-queues feature-persistent; do
+        line+=" fe.$k=$(xenstore-read $fe/$k 2>/dev/null || echo -)"
+    done
+    for k in feature-max-indirect-segments max-ring-page-order multi-queue-max-queues feature-persistent feature-flush-cache feature-discard feature-barrier sector-size sectors; do
+        line+=" be.$k=$(xenstore-read $be/$k 2>/dev/null || echo -)"
+    done
+    echo "$line"
+    xenstore-ls -f $fe 2>/dev/null | sed "s/^/E2E-XS backend=$1 /"
+    xenstore-ls -f $be 2>/dev/null | sed "s/^/E2E-XS backend=$1 /"
+}
+
+api() { curl -sS -m 10 "$@"; }
+
+# One guest: create, watch its console for the steps that need dom0, wait until it is gone.
+run_guest() { # backend disk-spec hotplug force
+    local b=$1 name=e2e-$1 domid t0=$(date +%s)
+    cat > /tmp/$name.cfg <<CFG
+name = "$name"
+type = "pv"
+kernel = "$KERNEL"
+ramdisk = "$E2E/guest.cpio"
+extra = "console=hvc0 quiet e2e_backend=$b e2e_seconds=$SECONDS_EACH e2e_hotplug=$3 e2e_force=$4"
+memory = 768
+vcpus = 2
+disk = [ '$2' ]
+on_poweroff = "destroy"
+CFG
+    : > /var/log/xen/console/guest-$name.log
+    follow /var/log/xen/console/guest-$name.log $name
+    if ! xl create /tmp/$name.cfg >$LOG/xl-create-$b.log 2>&1; then
+        say "backend=$b xl-create failed"; sed "s/^/E2E-DOM0 xl: /" $LOG/xl-create-$b.log
+        echo "E2E-RESULT backend=$b test=attach ok=0 reason=xl-create-failed"
+        unfollow $name; return 1
+    fi
+    domid=$(xl domid $name)
+    say "backend=$b domid=$domid created in $(( $(date +%s) - t0 )) s"
+    local fe=/local/domain/$domid/device/vbd/51712
+    if wait_for "[ \"\$(xenstore-read \$(xenstore-read $fe/backend)/state 2>/dev/null)\" = 4 ]" 120; then
+        print_negotiated $b $domid
+    else
+        say "backend=$b backend never reached Connected"
+    fi
+    local con=/var/log/xen/console/guest-$name.log
+    local api_ok=0
+    if [ "$b" = ours ] && api -f http://127.0.0.1:8080/healthz >/dev/null 2>&1; then api_ok=1; fi
+    if [ "$3" = 1 ]; then
+        if wait_for "grep -q 'phase=await-xvdb' $con" $((SECONDS_EACH * 6 + 400)); then
+            if [ $api_ok = 1 ]; then check_api_counters $domid $con; fi
+            xl block-attach $name "$HOTPLUG_DISK" >$LOG/block-attach.log 2>&1 \
+                && say "backend=$b block-attach rc=0" || { say "backend=$b block-attach failed"; cat $LOG/block-attach.log; }
+            xenstore-ls -f /local/domain/0/backend/vbd/$domid/51728 2>/dev/null | sed "s/^/E2E-XS backend=$b-hot /"
+            if wait_for "grep -q 'phase=await-xvdb-gone' $con" 300; then
+                xl block-detach $name xvdb >$LOG/block-detach.log 2>&1 \
+                    && say "backend=$b block-detach rc=0" || { say "backend=$b block-detach failed"; cat $LOG/block-detach.log; }
+            fi
+        fi
+    fi
+    if [ "$4" = 1 ] && wait_for "grep -q 'phase=await-force' $con" 300; then
+        local code
+        code=$(api -o $LOG/force.json -w '%{http_code}' -X POST -H 'Content-Type: application/json' \
+            -d '{"state":"closing"}' http://127.0.0.1:8080/v1/vbds/$domid/51712/state)
+        say "backend=$b api-force-closing http=$code body=$(head -c 300 $LOG/force.json)"
+    fi
+    # The guest powers itself off; the toolstack then tears the devices down.
+    if wait_for "! xl domid $name >/dev/null 2>&1" $((SECONDS_EACH * 6 + 500)); then
+        say "backend=$b guest gone after $(( $(date +%s) - t0 )) s"
+    else
+        say "backend=$b guest still running; destroying it"; xl destroy $name
+        echo "E2E-RESULT backend=$b test=shutdown ok=0 reason=timeout"
+    fi
+    unfollow $name
+    local left
+    left=$(xenstore-ls /local/domain/0/backend/vbd/$domid 2>/dev/null | wc -l)
+    echo "E2E-RESULT backend=$b test=clean-close ok=$([ "$left" = 0 ] && echo 1 || echo 0) backend_nodes_left=$left"
+    grep -iE 'error|timed out|fail' /var/log/xen/xl-$name.log 2>/dev/null | head -20 | sed "s/^/E2E-DOM0 xl-log backend=$b: /"
+}
+
+# Counters from the API against the guest's own /sys/block/xvda/stat (printed before await-xvdb).
+check_api_counters() { # domid console-log
+    local stat rd wr got_rd got_wr
+    api http://127.0.0.1:8080/v1/vbds | sed 's/^/E2E-API vbds: /'; echo
+    api http://127.0.0.1:8080/v1/vbds/$1/51712/stats > $LOG/stats.json
+    sed 's/^/E2E-API stats: /' $LOG/stats.json; echo
+    stat=$(grep -o 'phase=xvda-done stat=[^ ]*' $2 | tail -1 | sed 's/.*stat=//')
+    rd=$(echo "$stat" | sed 's/.*rd=\([0-9]*\).*/\1/'); wr=$(echo "$stat" | sed 's/.*wr=\([0-9]*\).*/\1/')
+    got_rd=$(jq -r .rd_req $LOG/stats.json); got_wr=$(jq -r .wr_req $LOG/stats.json)
+    # blkfront sends one ring request per block request: the counts agree up to the few
+    # requests in flight or issued while the guest printed its numbers.
+    local ok=0
+    if [ -n "$rd" ] && [ -n "$got_rd" ] && [ "$got_rd" != null ] \
+       && [ $(( got_rd - rd )) -ge -16 ] && [ $(( got_rd - rd )) -le $(( rd / 20 + 64 )) ] \
+       && [ $(( got_wr - wr )) -ge -16 ] && [ $(( got_wr - wr )) -le $(( wr / 20 + 64 )) ]; then ok=1; fi
+    echo "E2E-RESULT backend=ours test=api-counters ok=$ok guest_rd=$rd api_rd_req=$got_rd guest_wr=$wr api_wr_req=$got_wr"
+}
+
+for b in $BACKENDS; do
+    case $b in
+    kernel)
+        modprobe xen-blkback && say "xen-blkback loaded"
+        run_guest kernel "phy:$DATA_DISK,xvda,w" 0 0
+        modprobe -r xen-blkback && say "xen-blkback unloaded" || say "xen-blkback unload failed"
+        ;;
+    qdisk)
+        run_guest qdisk "format=raw,vdev=xvda,access=rw,backendtype=qdisk,target=$DATA_DISK" 0 0
+        ;;
+    ours)
+        if lsmod | grep -q '^xen_blkback'; then modprobe -r xen-blkback; fi
+        /e2e/blkback-server --kind vbd --listen 127.0.0.1:8080 --log-level $LOG_LEVEL >$LOG/blkback-server.log 2>&1 &
+        DAEMON=$!
+        wait_for "api -f http://127.0.0.1:8080/healthz >/dev/null 2>&1 || ! kill -0 $DAEMON 2>/dev/null" 5
+        kill -0 $DAEMON 2>/dev/null || { say "blkback-server exited at start"; cat $LOG/blkback-server.log; }
+        if api -f http://127.0.0.1:8080/healthz >/dev/null 2>&1; then API=1; say "api=available"
+        else API=0; say "api=unavailable"; echo "E2E-RESULT backend=ours test=api-counters skipped=1 reason=no-http-api"
+             echo "E2E-RESULT backend=ours test=api-forced-close skipped=1 reason=no-http-api"; fi
+        follow $LOG/blkback-server.log blkback-server
+        run_guest ours "phy:$DATA_DISK,xvda,w" 1 $API
+        if kill -0 $DAEMON 2>/dev/null; then
+            kill -TERM $DAEMON; t=0; while kill -0 $DAEMON 2>/dev/null && [ $t -lt 20 ]; do sleep 0.5; t=$((t+1)); done
+            wait $DAEMON; rc=$?
+            echo "E2E-RESULT backend=ours test=daemon-stop ok=$([ $rc = 0 ] && echo 1 || echo 0) exit=$rc"
+        else
+            wait $DAEMON; echo "E2E-RESULT backend=ours test=daemon-alive ok=0 exit=$?"
+        fi
+        unfollow blkback-server
+        ;;
+    esac
+done
+say "phase=done uptime=$(cut -d' ' -f1 /proc/uptime)"
+sync
+echo o > /proc/sysrq-trigger
+sleep 60

@@ -1,0 +1,40 @@
+#!/bin/bash
+# Reads the serial console log of one rig run and prints the results: every check, what the
+# guests negotiated, and the throughput table of blkback-server vs kernel blkback vs qdisk.
+# Exit 0 only if dom0 finished and no check failed.
+set -uo pipefail
+serial=$1
+lines=$(grep -a -o 'E2E-[A-Z]*.*' "$serial" | tr -d '\r')
+
+echo
+echo "== checks"
+echo "$lines" | grep '^E2E-RESULT' | grep -vE 'test=(randread-4k|randwrite-4k|seqread-1m|seqwrite-1m) ok=1' \
+    | sed 's/^E2E-RESULT /  /'
+echo
+echo "== negotiated (fe.* written by the guest's xen-blkfront, be.* offered by the backend)"
+echo "$lines" | grep '^E2E-NEGOTIATED' | sed 's/^E2E-NEGOTIATED /  /'
+echo
+echo "== throughput under QEMU TCG (compare columns, not absolute numbers)"
+echo "$lines" | grep '^E2E-RESULT' | awk '
+    { b=""; t=""; v="";
+      for (i = 2; i <= NF; i++) { split($i, kv, "=");
+        if (kv[1] == "backend") b = kv[2]; else if (kv[1] == "test") t = kv[2];
+        else if (kv[1] == "ok" && kv[2] != 1) t = "";
+        else if (kv[1] == "iops" && t ~ /4k/) v = kv[2];
+        else if (kv[1] == "mibs" && t ~ /1m/) v = kv[2]; }
+      if (t != "" && v != "") r[t, b] = v }
+    function cell(t, b) { return ((t, b) in r) ? r[t, b] : "-" }
+    function ratio(t, b) { return ((t, b) in r && (t, "ours") in r && r[t, b] > 0) ? sprintf("%.2f", r[t, "ours"] / r[t, b]) : "-" }
+    END {
+      printf "  %-22s %10s %10s %10s %12s %12s\n", "workload", "ours", "kernel", "qdisk", "ours/kernel", "ours/qdisk"
+      split("randread-4k randwrite-4k seqread-1m seqwrite-1m", ts, " ")
+      for (i = 1; i <= 4; i++) { t = ts[i]; u = (t ~ /4k/) ? " IOPS QD32" : " MiB/s QD8"
+        printf "  %-22s %10s %10s %10s %12s %12s\n", t u, cell(t, "ours"), cell(t, "kernel"), cell(t, "qdisk"), ratio(t, "kernel"), ratio(t, "qdisk") }
+    }'
+echo
+status=0
+if ! echo "$lines" | grep -q '^E2E-DOM0 phase=done'; then echo "FAIL: dom0 did not finish (timeout or crash); see $serial"; status=1; fi
+if echo "$lines" | grep '^E2E-RESULT' | grep -q ' ok=0'; then echo "FAIL: $(echo "$lines" | grep '^E2E-RESULT' | grep -c ' ok=0') check(s) failed"; status=1; fi
+if ! echo "$lines" | grep -q '^E2E-RESULT backend=ours test=checksum ok=1'; then echo "FAIL: no verified checksum on blkback-server"; status=1; fi
+[ $status = 0 ] && echo "PASS: all checks passed"
+exit $status
