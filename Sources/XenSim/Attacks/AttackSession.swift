@@ -138,8 +138,9 @@ public final class AttackSession {
         guard statuses.contains(response.status) else {
             throw AttackFailure("\(what): answered \(response.status) instead of \(statuses.map { "\($0)" }.sorted().joined(separator: " or "))")
         }
-        guard response.operation == request.operation else {
-            throw AttackFailure("\(what): the answer names operation \(response.operation.rawValue), not \(request.operation.rawValue)")
+        // Linux blkback answers an indirect request with its inner operation; blkfront checks it.
+        guard response.operation == request.responseOperation else {
+            throw AttackFailure("\(what): the answer names operation \(response.operation.rawValue), not \(request.responseOperation.rawValue)")
         }
         log("\(what): \(response.status) as required")
         return response
