@@ -255,7 +255,7 @@ final class VBD {
                 try store.read(frontendPath + "/" + key)
             }
             rings = description
-            logger.info("using \(description.queues.count) queues, protocol \(description.protocol), ring page order \(description.ringPageOrder)\(description.persistentGrants ? ", persistent grants" : "")")
+            logger.info("using \(description.queues.count) queues, protocol \(description.protocol), ring page order \(description.ringPageOrder)")
             tryConnect()
         } catch let error as RingDescriptionError {
             fatal(error.errno, error.message)
