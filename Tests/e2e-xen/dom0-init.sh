@@ -144,7 +144,7 @@ for b in $BACKENDS; do
         if lsmod | grep -q '^xen_blkback'; then modprobe -r xen-blkback; fi
         /e2e/blkback-server --kind vbd --listen 127.0.0.1:8080 --log-level $LOG_LEVEL >$LOG/blkback-server.log 2>&1 &
         DAEMON=$!
-        wait_for "api -f http://127.0.0.1:8080/healthz >/dev/null 2>&1 || ! kill -0 $DAEMON 2>/dev/null" 5
+        wait_for "api -f http://127.0.0.1:8080/healthz >/dev/null 2>&1 || ! kill -0 $DAEMON 2>/dev/null" 60
         kill -0 $DAEMON 2>/dev/null || { say "blkback-server exited at start"; cat $LOG/blkback-server.log; }
         if api -f http://127.0.0.1:8080/healthz >/dev/null 2>&1; then API=1; say "api=available"
         else API=0; say "api=unavailable"; echo "E2E-RESULT backend=ours test=api-counters skipped=1 reason=no-http-api"
