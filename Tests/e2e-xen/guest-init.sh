@@ -87,9 +87,11 @@ fi
 
 if [ "$FORCE" = 1 ]; then
     # The backend is forced to Closing through the API; blkfront follows and leaves Connected.
-    state() { cat /sys/bus/xen/devices/vbd-51712/state 2>/dev/null || echo gone; }
-    say "phase=await-force state=$(state)"
-    if wait_for '[ "$(state)" != connected ]' 90; then
+    # xenbus prints the state by name ("Connected"); compare without case.
+    state() { tr 'A-Z' 'a-z' < /sys/bus/xen/devices/vbd-51712/state 2>/dev/null || echo gone; }
+    before=$(state)
+    say "phase=await-force state=$before"
+    if [ "$before" = connected ] && wait_for '[ "$(state)" != connected ]' 90; then
         result "test=api-forced-close ok=1 frontend_state=$(state)"
     else
         result "test=api-forced-close ok=0 frontend_state=$(state)"
