@@ -12,6 +12,8 @@ say() { echo "E2E-DOM0 $*"; }
 wait_for() { local i=0; while ! eval "$1"; do i=$((i+1)); [ $i -gt $(($2*2)) ] && return 1; sleep 0.5; done; }
 
 say "phase=init uptime=$(cut -d' ' -f1 /proc/uptime)"
+# PID 1 here is a script, not an init system: nothing brings loopback up (the API listens there).
+ip link set lo up
 modprobe xenfs && mount -t xenfs xenfs /proc/xen
 for m in xen-evtchn xen-gntdev xen-gntalloc xen-privcmd; do modprobe $m; done
 # Kernel blkback is loaded only for its own run, never behind our daemon's back.
