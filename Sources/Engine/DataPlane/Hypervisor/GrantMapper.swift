@@ -6,6 +6,12 @@ public protocol GrantMapper: AnyObject, Sendable {
     /// Maps `refs` of `domain`'s grant table into one contiguous range, page i = refs[i].
     /// All or nothing: on any refusal nothing stays mapped and the error names the ref.
     func map(domain: UInt32, refs: [UInt32], writable: Bool) throws -> GrantMapping
+    /// Whether a mapping is really gone when unmap returns even after direct I/O used its
+    /// pages. Linux gntdev (since 5.19's async unmap) defers the grant unmap while O_DIRECT
+    /// still holds page references, so a response sent right after unmap reaches a frontend
+    /// whose grant is still in use — blkfront then disables the disk ("backed has not unmapped
+    /// grant"). Where this is false, guest I/O goes through the page cache.
+    var unmapIsSynchronousAfterDirectIO: Bool { get }
 }
 
 extension GrantMapper {

@@ -6,6 +6,7 @@ import Synchronization
 /// flags (GTF_reading, GTF_writing), count pins in hypervisor-private state, and map the very
 /// pages of the guest's memory file, so both processes share the bytes.
 public final class SimGrantMapper: GrantMapper, @unchecked Sendable {
+    public var unmapIsSynchronousAfterDirectIO: Bool { true }
     private let layout: SimLayout
     private let localDomain: UInt32
     private let domains = Mutex<[UInt32: SimGrantDomain]>([:])

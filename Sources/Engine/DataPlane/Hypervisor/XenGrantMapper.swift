@@ -3,6 +3,7 @@ import Glibc
 
 /// Grant mapping on real Xen through libxengnttab (/dev/xen/gntdev).
 public final class XenGrantMapper: GrantMapper, @unchecked Sendable {
+    public var unmapIsSynchronousAfterDirectIO: Bool { false }
     private let handle: OpaquePointer
 
     /// Opens gntdev. `maxGrants` raises gntdev's per-handle limit (xengnttab_set_max_grants),

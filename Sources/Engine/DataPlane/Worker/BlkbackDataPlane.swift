@@ -20,7 +20,7 @@ public final class BlkbackDataPlane: DataPlane {
         var logger = self.logger
         logger[metadataKey: "vbd"] = "\(request.kind)/\(request.domid)/\(request.devid)"
         let store = request.backingStore
-        let io = try IODescriptor(store: store)
+        let io = try IODescriptor(store: store, allowDirect: services.grants.unmapIsSynchronousAfterDirectIO)
         let features = Self.features(of: store, io: io, discardEnabled: request.discardEnabled)
         let maxIndirect = min(max(request.maxIndirectSegments, 0), Blkif.maxIndirectSegments)
         let device = DeviceContext(
@@ -97,15 +97,16 @@ struct DataPlaneError: Error, CustomStringConvertible {
     init(_ description: String) { self.description = description }
 }
 
-/// The backing store's descriptor for guest I/O: reopened with O_DIRECT when the store takes
-/// direct I/O of its sector size, else a duplicate of the buffered one (FLUSH still fdatasyncs).
+/// The backing store's descriptor for guest I/O: reopened with O_DIRECT when the grant mapper
+/// allows it and the store takes direct I/O of its sector size, else a duplicate of the
+/// buffered one (FLUSH still fdatasyncs).
 final class IODescriptor: Sendable {
     let descriptor: Int32
     let direct: Bool
 
-    init(store: BackingStore) throws {
+    init(store: BackingStore, allowDirect: Bool) throws {
         let access = store.readOnly ? O_RDONLY : O_RDWR
-        let reopened = open("/proc/self/fd/\(store.descriptor)", access | O_CLOEXEC | O_NOCTTY | curing_o_direct())
+        let reopened = !allowDirect ? -1 : open("/proc/self/fd/\(store.descriptor)", access | O_CLOEXEC | O_NOCTTY | curing_o_direct())
         if reopened >= 0, Self.directIOWorks(reopened, blockSize: Int(max(store.logicalSectorSize, 512))) {
             descriptor = reopened
             direct = true
