@@ -7,8 +7,9 @@ import Testing
     func awaitCompletions(_ ring: IOURing, count: Int) -> [UInt64: Int32] {
         var results: [UInt64: Int32] = [:]
         while results.count < count {
+            // The deadline only ends a test whose completion never comes.
             var poller = pollfd(fd: ring.completionDescriptor, events: Int16(POLLIN), revents: 0)
-            guard poll(&poller, 1, 5000) == 1 else { break }
+            guard poll(&poller, 1, 60_000) == 1 else { break }
             ring.drainSignal()
             ring.reapCompletions { results[$0.tag] = $0.result }
         }
@@ -53,11 +54,6 @@ import Testing
             try ring.read(-1, &vector, count: 1, offset: 0, tag: 9)
             try ring.submit()
         }
-        var result: Int32?
-        for _ in 0..<500 where result == nil {
-            ring.reapCompletions { result = $0.result }
-            usleep(1000)
-        }
-        #expect(result == -EBADF)
+        #expect(awaitCompletions(ring, count: 1)[9] == -EBADF)
     }
 }

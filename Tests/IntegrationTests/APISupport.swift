@@ -51,7 +51,7 @@ final class APIRig: @unchecked Sendable {
             let port = try freeLoopbackPort()
             let daemon = try BackgroundProcess(Harness.executable("blkback-server"),
                                                ["--sim", sim.path, "--listen", "127.0.0.1:\(port)"] + daemonArguments)
-            if eventually(timeout: 10, { daemon.output.contains("HTTP API listening") || !daemon.isRunning }), daemon.isRunning {
+            if eventually({ daemon.output.contains("HTTP API listening") || !daemon.isRunning }), daemon.isRunning {
                 started = (daemon, port)
             } else {
                 daemon.stop(signal: SIGKILL, grace: 1)

@@ -12,7 +12,7 @@ import Testing
         #expect(health.status == 200 && health.body == "{\"status\":\"ok\"}\n", "\(health)")
         #expect(health.headers["content-type"] == "application/json")
 
-        #expect(try eventually(timeout: 15) { try rig.isConnected() }, "daemon: \(rig.daemon.output)")
+        #expect(try eventually { try rig.isConnected() }, "daemon: \(rig.daemon.output)")
         let list = try rig.get("/v1/vbds")
         #expect(list.status == 200)
         let vbds = try #require(list.json?["vbds"] as? [[String: Any]])
@@ -30,7 +30,7 @@ import Testing
 
         // Counters grow while the guest works.
         let first = try rig.stats()
-        #expect(try eventually(timeout: 10) {
+        #expect(try eventually {
             let now = try rig.stats()
             return now["rd_req"]! + now["wr_req"]! > first["rd_req"]! + first["wr_req"]!
         })
@@ -101,7 +101,7 @@ import Testing
         let rig = try APIRig("api-state")
         defer { rig.stop() }
         try rig.startGuest()
-        #expect(try eventually(timeout: 15) { try rig.isConnected() })
+        #expect(try eventually { try rig.isConnected() })
         let state = APIRig.vbd + "/state"
 
         #expect(try rig.post(state, #"{"state":"reconnect"}"#).status == 409)   // Connected
@@ -109,29 +109,29 @@ import Testing
         // closing: the backend goes Closing, the guest answers Closed, the backend follows.
         let closing = try rig.post(state, #"{"state":"closing"}"#)
         #expect(closing.status == 202 && closing.json?["backend_state"] as? String == "Closing", "\(closing.body)")
-        #expect(try eventually(timeout: 10) { try rig.backendState() == "Closed" })
+        #expect(try eventually { try rig.backendState() == "Closed" })
         let again = try rig.post(state, #"{"state":"closing"}"#)
         #expect(again.status == 409 && again.error != nil)
         #expect(try rig.post(state, #"{"state":"closed"}"#).status == 409)
 
         // reconnect: InitWait; the guest renegotiates by itself and its I/O resumes.
         var reconnect = HTTPExchange(status: 0, headers: [:], body: "")
-        #expect(try eventually(timeout: 10) {
+        #expect(try eventually {
             reconnect = try rig.post(state, #"{"state":"reconnect"}"#)   // 409 while the rings drain
             return reconnect.status == 202
         }, "\(reconnect.body)")
-        #expect(try eventually(timeout: 15) { try rig.isConnected() })
-        #expect(try eventually(timeout: 10) { try rig.stats()["rd_req"]! > 0 })
+        #expect(try eventually { try rig.isConnected() })
+        #expect(try eventually { try rig.stats()["rd_req"]! > 0 })
 
         // closed: immediately Closed; reconnect once the guest has closed its side.
         let closed = try rig.post(state, #"{"state":"closed"}"#)
         #expect(closed.status == 202 && closed.json?["backend_state"] as? String == "Closed", "\(closed.body)")
-        #expect(try eventually(timeout: 10) {
+        #expect(try eventually {
             try rig.post(state, #"{"state":"reconnect"}"#).status == 202
         })
-        #expect(try eventually(timeout: 15) { try rig.isConnected() })
+        #expect(try eventually { try rig.isConnected() })
         let before = try rig.stats()
-        #expect(try eventually(timeout: 10) { try rig.stats()["wr_req"]! > before["wr_req"]! })
+        #expect(try eventually { try rig.stats()["wr_req"]! > before["wr_req"]! })
 
         let (status, report) = rig.stopGuest()
         #expect(status == 0, "guest: \(String(describing: report))")
@@ -140,7 +140,7 @@ import Testing
         #expect((report?["reconnects"] as? Int ?? 0) >= 2)
 
         // A device the toolstack is removing (online=0) is not offered again.
-        #expect(try eventually(timeout: 10) { try rig.backendState() == "Closed" })
+        #expect(try eventually { try rig.backendState() == "Closed" })
         let offline = try rig.sim.xenstore("xenstore-write", ["/local/domain/0/backend/vbd/1/51712/online", "0"])
         #expect(offline.status == 0)
         let refused = try rig.post(state, #"{"state":"reconnect"}"#)
@@ -182,8 +182,8 @@ import Testing
         #expect(bad.status == 2 && bad.stderr.split(separator: "\n").count == 1, "\(bad.stderr)")
     }
 
-    @Test func httpsWithACertificate() throws {
-        guard (try? Harness.which("openssl")) != nil else { return }
+    @Test(.enabled(if: (try? Harness.which("openssl")) != nil, "openssl is needed to make a certificate"))
+    func httpsWithACertificate() throws {
         let directory = try Harness.temporaryDirectory("api-tls")
         defer { try? FileManager.default.removeItem(at: directory) }
         let cert = directory.appendingPathComponent("cert.pem").path, key = directory.appendingPathComponent("key.pem").path

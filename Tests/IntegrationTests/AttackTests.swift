@@ -56,7 +56,7 @@ import Testing
             "frontend", "--dir", sim.path, "--domid", "2", "--devid", "51712", "--workload", "randrw", "--qd", "8",
             "--seconds", "3600", "--json"])
         defer { honest.stop(signal: SIGKILL, grace: 1) }
-        let connected = try eventually(timeout: 15) {
+        let connected = try eventually {
             try sim.xenstore("xenstore-read", ["/local/domain/2/device/vbd/51712/state"]).stdout.hasPrefix("4")
         }
         try #require(connected, "the honest guest did not connect: \(honest.output)")

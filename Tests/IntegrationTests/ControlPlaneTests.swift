@@ -49,7 +49,7 @@ import Testing
                                            ["detach", "--dir", rig.sim.path, "--domid", "1", "--devid", "51712"])
         #expect(try rig.waitFor("\(Self.backend)/online", "0"))
         try guestWritesState(6)
-        #expect(detach.wait(timeout: 15) == 0, "detach: \(detach.output)")
+        #expect(detach.wait(timeout: 60) == 0, "detach: \(detach.output)")
         #expect(try rig.read("\(Self.backend)/state") == nil)
         #expect(try rig.read("\(Self.frontend)/state") == nil)
     }
@@ -58,11 +58,11 @@ import Testing
         let rig = try Rig("ctl-missing")
         defer { rig.stop() }
         let missing = rig.sim.directory.appendingPathComponent("no-such.img").path
-        let started = Date()
         let failed = try rig.sim.xensim(["attach"], ["--domid", "1", "--devid", "51728", "--target", missing])
         #expect(failed.status != 0)
-        #expect(failed.stderr.contains("unable to add device"), "stderr: \(failed.stderr)")
-        #expect(Date().timeIntervalSince(started) < 9, "attach should fail as soon as the backend gives up")
+        // The toolstack stopped waiting because the backend gave up, not because time ran out.
+        #expect(failed.stderr.contains("unable to add device") && failed.stderr.contains("the backend gave up"),
+                "stderr: \(failed.stderr)")
         let error = try rig.read("/local/domain/0/error/backend/vbd/1/51728/error")
         #expect(error?.contains("No such file") == true, "error node: \(error ?? "none")")
 
@@ -90,8 +90,8 @@ import Testing
         #expect(result.stderr.contains("xenstore"))
     }
 
-    @Test func daemonWithoutXenDevicesExitsTwoWithOneLine() throws {
-        guard !FileManager.default.fileExists(atPath: "/dev/xen/gntdev") else { return }
+    @Test(.enabled(if: !FileManager.default.fileExists(atPath: "/dev/xen/gntdev"), "this host has Xen's devices"))
+    func daemonWithoutXenDevicesExitsTwoWithOneLine() throws {
         let result = try Harness.run(Harness.executable("blkback-server"), [], timeout: 20)
         #expect(result.status == 2)
         #expect(result.stderr.split(separator: "\n").count == 1, "stderr: \(result.stderr)")

@@ -166,7 +166,7 @@ private func openXenStore(_ socket: String) throws -> XenStore {
         #expect(stopped.status == 0)
         #expect(!FileManager.default.fileExists(atPath: sim.xenstoredSocket))
         #expect(!FileManager.default.fileExists(atPath: pidFile))
-        #expect(eventually(timeout: 2) { kill(pid, 0) != 0 })
+        #expect(eventually { kill(pid, 0) != 0 })
         sim.stop()
     }
 }

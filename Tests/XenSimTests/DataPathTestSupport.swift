@@ -104,7 +104,7 @@ final class DataPathGuest {
     }
 
     /// Waits for `count` responses (in completion order).
-    func responses(_ count: Int, within seconds: Double = 10) throws -> [BlkifResponse] {
+    func responses(_ count: Int, within seconds: Double = 60) throws -> [BlkifResponse] {
         var collected: [BlkifResponse] = []
         let deadline = Date().addingTimeInterval(seconds)
         while collected.count < count && Date() < deadline {
@@ -127,8 +127,9 @@ final class DataPathGuest {
     func image() throws -> Data { try Data(contentsOf: URL(fileURLWithPath: imagePath)) }
 }
 
-/// Waits until `condition` holds or `seconds` pass.
-func eventually(within seconds: Double = 10, _ condition: () -> Bool) -> Bool {
+/// Waits until `condition` holds or `seconds` pass (a deadline that only fails a test whose
+/// event never comes).
+func eventually(within seconds: Double = 60, _ condition: () -> Bool) -> Bool {
     let deadline = Date().addingTimeInterval(seconds)
     while Date() < deadline {
         if condition() { return true }

@@ -240,23 +240,26 @@ import XenSim
         #expect(again.disconnect())
     }
 
-    /// Queue depth 32 of 4 KiB random reads for a while; prints the rate.
+    /// 4096 random 4 KiB reads kept at queue depth 32 (a count, not a time: speed is the
+    /// benchmark's business, scripts/bench.sh).
     @Test func queueDepth32RandomReads() throws {
         let guest = try DataPathGuest(imageSectors: 1 << 16)
         defer { guest.remove() }
         let rings = try guest.connect()
         let pages = try guest.grantPages(32, readOnly: false)
-        var outstanding = 0, completed = 0, failures = 0
-        let start = Date()
-        while Date().timeIntervalSince(start) < 1.5 {
+        let total = 4096
+        var issued = 0, outstanding = 0, completed = 0, failures = 0
+        while completed < total {
             var batch: [BlkifRequest] = []
-            while outstanding + batch.count < 32 {
+            while outstanding + batch.count < 32, issued + batch.count < total {
                 let slot = outstanding + batch.count
                 batch.append(guest.readWrite(.read, sector: UInt64.random(in: 0..<(1 << 13)) * 8, refs: [pages.refs[slot]]))
             }
             try guest.submit(batch)
+            issued += batch.count
             outstanding += batch.count
             let answers = try guest.responses(1)
+            guard !answers.isEmpty else { break }
             // Take everything ready, not just one.
             var all = answers
             _ = try guest.front.unconsumedResponses()
@@ -265,11 +268,8 @@ import XenSim
             completed += all.count
             outstanding -= all.count
         }
-        _ = try guest.responses(outstanding)
-        let seconds = Date().timeIntervalSince(start)
-        print("data path: \(completed) reads of 4 KiB at queue depth 32 in \(String(format: "%.2f", seconds)) s = \(Int(Double(completed) / seconds)) IOPS")
-        #expect(failures == 0 && completed > 100)
-        #expect(rings.statistics.readRequests == UInt64(completed + outstanding))
+        #expect(failures == 0 && completed == total && outstanding == 0)
+        #expect(rings.statistics.readRequests == UInt64(total))
         #expect(rings.disconnect())
     }
 }

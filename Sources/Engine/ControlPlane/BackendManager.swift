@@ -219,17 +219,45 @@ public final class BackendManager: @unchecked Sendable {
             }
             // Like xenbus_probe_node: only a device the toolstack set up for a backend
             // (Initialising), or one a previous instance of this daemon left in InitWait or
-            // closed at its shutdown while the toolstack still wants it (online=1): that one
-            // is offered again, so its guest reconnects across a daemon restart. A device we
-            // closed and unregistered (online=0) stays Closed and is not probed again.
+            // closed at its shutdown while the toolstack still wants it (online=1) and its
+            // frontend is still there: that one is offered again, so its guest reconnects
+            // across a daemon restart. A device we unregistered (online=0, or its frontend
+            // gone) stays Closed and is not probed again.
             let state = XenbusState(node: try context.store.read(path + "/state"))
             let online = try context.store.read(path + "/online").flatMap { Int($0.trimmingCharacters(in: .whitespaces)) } ?? 0 != 0
-            guard state == .initialising || state == .initWait || (state == .closed && online) else { return }
+            if state == .closing, !online, !draining.contains(where: { $0.backendPath == path }) {
+                answerClosingOfUnservedDevice(path)
+                return
+            }
+            switch state {
+            case .initialising?, .initWait?:
+                break
+            case .closed? where online:
+                guard let frontend = try context.store.read(path + "/frontend"), try context.store.directory(frontend) != nil else { return }
+            default:
+                return
+            }
             let device = VBD(kind: key.kind, domid: domid, devid: devid, context: context)
             devices[path] = device
             device.probe()
         } catch {
             logger.warning("checking \(path) failed: \(error)")
+        }
+    }
+
+    /// A toolstack's Closing (online=0) on a device we do not serve, or no longer serve: we
+    /// forgot it when its frontend vanished, or a previous daemon instance left it. Nothing of
+    /// ours is mapped, so answer Closed at once, as xenbus_dev_remove answers a Closing state,
+    /// instead of letting the toolstack wait out its timeout.
+    private func answerClosingOfUnservedDevice(_ path: String) {
+        do {
+            try context.store.transaction { transaction in
+                guard XenbusState(node: try context.store.read(path + "/state", transaction: transaction)) == .closing else { return }
+                try context.store.write(path + "/state", "\(XenbusState.closed.rawValue)", transaction: transaction)
+            }
+            logger.info("answered Closing of unserved device with Closed", metadata: ["backend": "\(path)"])
+        } catch {
+            logger.warning("answering Closing of \(path) failed: \(error)")
         }
     }
 

@@ -394,6 +394,7 @@ final class VBD {
     /// Rings that still had requests in flight when the device stopped, and what to do once
     /// they are released.
     struct PendingRelease {
+        let backendPath: String
         let rings: any ConnectedRings
         let afterwards: () -> Void
 
@@ -435,7 +436,7 @@ final class VBD {
             afterwards()
             return nil
         }
-        return PendingRelease(rings: busy, afterwards: afterwards)
+        return PendingRelease(backendPath: backendPath, rings: busy, afterwards: afterwards)
     }
 
     // MARK: xenbus helpers

@@ -101,10 +101,10 @@ public struct Toolstack {
                 if let number = UInt32(devid) { devices.append((kind, number)) }
             }
         }
-        // The guest is killed first (xl destroy is not a shutdown): its frontends vanish, which
-        // a backend sees as frontend state Unknown and answers by closing.
-        for (kind, devid) in devices { try store.remove(Self.frontendPath(kind: kind, domid: domid, devid: devid)) }
-        try removeDevices(domid: domid, devices: devices)
+        // libxl's forced remove: the dead guest's frontend goes in the same transaction that
+        // sets online=0 and Closing, so a backend sees frontend Unknown with Closing already
+        // written, and its Closed cannot be overwritten by our Closing.
+        try removeDevices(domid: domid, devices: devices, removingFrontends: true)
         try store.releaseDomain(domid)
         try store.remove(Self.domainPath(domid))
         for (kind, _) in devices { try store.remove("\(backendRoot)/\(kind)/\(domid)") }
@@ -154,9 +154,12 @@ public struct Toolstack {
         // libxl waits for InitWait only; a backend that gave up (Closing or Closed) will not get
         // there, so stop waiting early and say why (the error node xenbus_dev_fatal wrote).
         let reached = try waitForBackendState(backend, timeout: Self.initTimeout) { $0 != .initialising }
-        guard let reached, reached == .initWait || reached == .connected else {
+        guard let reached else {
+            throw Failure("unable to add device with path \(backend): no backend answered within \(Int(Self.initTimeout)) s; is blkback-server serving this kind?")
+        }
+        guard reached == .initWait || reached == .connected else {
             let reason = try store.read(errorPath(ofBackend: backend))
-            throw Failure("unable to add device with path \(backend)" + (reason.map { ": \($0)" } ?? ""))
+            throw Failure("unable to add device with path \(backend): the backend gave up (\(reached))" + (reason.map { ": \($0)" } ?? ""))
         }
         if isBlockDevice {
             // The block hotplug script's part: tell the backend which device to open.
@@ -176,14 +179,17 @@ public struct Toolstack {
         guard try store.read("\(backend)/state") != nil else {
             throw Failure("no device \(devid) attached to domain \(domid) (\(backend) does not exist)")
         }
-        try removeDevices(domid: domid, devices: [(kind, devid)])
+        try removeDevices(domid: domid, devices: [(kind, devid)], removingFrontends: false)
     }
 
-    private func removeDevices(domid: UInt32, devices: [(kind: String, devid: UInt32)]) throws {
+    /// libxl__initiate_device_generic_remove: online=0 and Closing in one transaction (with
+    /// the frontend removed in it too when the removal is forced), then a wait for Closed.
+    private func removeDevices(domid: UInt32, devices: [(kind: String, devid: UInt32)], removingFrontends: Bool) throws {
         var pending: [String] = []
         for (kind, devid) in devices {
             let backend = backendPath(kind: kind, domid: domid, devid: devid)
             try store.transaction { tx in
+                if removingFrontends { try store.remove(Self.frontendPath(kind: kind, domid: domid, devid: devid), transaction: tx) }
                 guard try store.read("\(backend)/state", transaction: tx) != nil else { return }
                 try store.write("\(backend)/online", "0", transaction: tx)
                 try store.write("\(backend)/state", "\(XenbusState.closing.rawValue)", transaction: tx)

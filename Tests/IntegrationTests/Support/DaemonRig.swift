@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import XenSim
 
 /// A simulator with domain 1 and a 64 MiB disk file, served by a blkback-server that a test
 /// may replace; `stop()` checks the daemon exits 0 on SIGTERM and ends everything by pid.
@@ -37,14 +38,35 @@ final class DaemonRig {
         return result.status == 0 ? result.stdout.trimmingCharacters(in: .newlines) : nil
     }
 
-    func waitFor(_ path: String, _ value: String?, timeout: TimeInterval = 10) throws -> Bool {
+    func waitFor(_ path: String, _ value: String?, timeout: TimeInterval = 60) throws -> Bool {
         try eventually(timeout: timeout) { try read(path) == value }
     }
 
     func backendState() throws -> String? { try read("\(Self.backend)/state") }
 
-    func waitForBackend(_ state: String, timeout: TimeInterval = 20) throws -> Bool {
+    func waitForBackend(_ state: String, timeout: TimeInterval = 60) throws -> Bool {
         try waitFor("\(Self.backend)/state", state, timeout: timeout)
+    }
+
+    /// Counts the sectors of `path` that hold a valid stamp, by reading the file directly.
+    static func stampedSectors(_ path: String, bytes: Int) throws -> Int {
+        let handle = try FileHandle(forReadingFrom: URL(fileURLWithPath: path))
+        defer { try? handle.close() }
+        let data = try handle.read(upToCount: bytes) ?? Data()
+        return data.withUnsafeBytes { raw in
+            (0..<(raw.count / SectorStamp.sectorSize)).filter { sector in
+                if case .stamp = SectorStamp.check(sector: UInt64(sector), at: raw.baseAddress! + sector * SectorStamp.sectorSize) {
+                    return true
+                }
+                return false
+            }.count
+        }
+    }
+
+    /// Waits until a guest's writes have reached `disk`: at least `sectors` stamped sectors in
+    /// its first `bytes`. The event a test needs before it interrupts a guest mid-workload.
+    func waitForStamps(_ disk: String, inFirst bytes: Int, atLeast sectors: Int, timeout: TimeInterval = 60) throws -> Bool {
+        try eventually(timeout: timeout) { try Self.stampedSectors(disk, bytes: bytes) >= sectors }
     }
 
     /// A guest (`xensim frontend --json`) of domain `domid` running in the background.
@@ -59,11 +81,11 @@ final class DaemonRig {
         return (try? JSONSerialization.jsonObject(with: Data(line.utf8))) as? [String: Any] ?? [:]
     }
 
-    /// Sends `signal` to the daemon; returns its exit status and how long it took to exit.
-    func signalDaemon(_ signal: Int32) -> (status: Int32, seconds: TimeInterval) {
-        let sent = Date()
-        let status = daemon.stop(signal: signal, grace: 15)
-        return (status, Date().timeIntervalSince(sent))
+    /// Sends `signal` to the daemon and returns its exit status. The daemon bounds its own
+    /// drain (within 10 s); the generous wait here only keeps a hung daemon from hanging the
+    /// test, which then sees SIGKILL's status instead of 0.
+    func signalDaemon(_ signal: Int32) -> Int32 {
+        daemon.stop(signal: signal, grace: 60)
     }
 
     func stop() {

@@ -161,7 +161,7 @@ final class Simulator: @unchecked Sendable {
     /// Runs a xenstore-utils command as dom0 (or as guest `domid`).
     @discardableResult
     func xenstore(_ tool: String, _ arguments: [String], asDomain domid: Int? = nil) throws -> Harness.Result {
-        try Harness.run(tool, arguments, environment: domid.map(guestEnvironment) ?? dom0Environment, timeout: 20)
+        try Harness.run(tool, arguments, environment: domid.map(guestEnvironment) ?? dom0Environment, timeout: 60)
     }
 
     func stop() {
@@ -177,8 +177,9 @@ final class Simulator: @unchecked Sendable {
     deinit { stop() }
 }
 
-/// Polls `condition` every 20 ms until it holds or `timeout` seconds pass.
-func eventually(timeout: TimeInterval = 10, _ condition: () throws -> Bool) rethrows -> Bool {
+/// Polls `condition` every 20 ms until it holds or `timeout` seconds pass. The timeout only
+/// ends a test whose event never comes: generous, never a speed claim.
+func eventually(timeout: TimeInterval = 60, _ condition: () throws -> Bool) rethrows -> Bool {
     let deadline = Date().addingTimeInterval(timeout)
     repeat {
         if try condition() { return true }
