@@ -1,8 +1,15 @@
-.PHONY: build test demo container-test e2e-xen
+.PHONY: build test test-repeat tsan demo container-test e2e-xen
 build:
 	swift build
 test:
 	scripts/test.sh
+# The whole suite N times on one build; last line "N passed, M failed".
+N ?= 5
+test-repeat:
+	scripts/test-repeat.sh $(N)
+# The suites under ThreadSanitizer (a build of their own in .build-tsan).
+tsan:
+	scripts/tsan.sh
 demo:
 	scripts/demo.sh
 container-test:

@@ -67,7 +67,7 @@ import Testing
         for attack in attacks {
             let devid = attack == Self.readOnlyAttack ? "51728" : "51712"
             let started = Date()
-            let result = try sim.xensim(["attack"], ["--domid", "1", "--devid", devid, "--name", attack, "--seconds", "2"],
+            let result = try sim.xensim(["attack"], ["--domid", "1", "--devid", devid, "--name", attack, "--seconds", "2", "--timeout", "60"],
                                         timeout: 120)
             #expect(result.status == 0, "\(attack) exited \(result.status): \(result.stderr)")
             #expect(daemon.isRunning, "blkback-server died during \(attack): \(daemon.output.suffix(4000))")

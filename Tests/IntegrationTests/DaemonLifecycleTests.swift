@@ -83,7 +83,7 @@ import Testing
         // Its own port: the API may be listening for other tests or a demo on 8080.
         let port = 20000 + Int(getpid() % 20000)
         let result = try Harness.run("/bin/bash", [script, "--check", "4"], environment: [
-            "DEMO_BIN_DIR": Harness.binDirectory.path, "DEMO_LISTEN": "127.0.0.1:\(port)", "TMPDIR": tmp.path,
+            "DEMO_BIN_DIR": Harness.xensimDirectory.path, "DEMO_LISTEN": "127.0.0.1:\(port)", "TMPDIR": tmp.path,
         ], timeout: 120)
         #expect(result.status == 0, "demo: \(result.stdout) \(result.stderr)")
         #expect(result.stdout.contains("errors 0, verify_failures 0"), "\(result.stdout)")

@@ -62,7 +62,8 @@ import XenSim
         try mapping.unmap()
         try mapping.unmap()  // idempotent
         for ref in refs { #expect(table.entry(ref).flags == GrantFlags.permitAccess) }
-        #expect(mappingCount(of: memoryPath) == 1)  // only the guest's own view remains
+        // Only the guest's own view remains (kept alive here: Swift may end it at its last use).
+        withExtendedLifetime(memory) { #expect(mappingCount(of: memoryPath) == 1) }
     }
 
     @Test func anotherProcessWritesAreSeenThroughTheMapping() throws {
@@ -104,6 +105,8 @@ import XenSim
     func refusalLeavesNothingBehind(rule: String) throws {
         defer { dir.remove() }
         let (memory, table) = try guest()
+        // The guest's view must outlive the mapping counts below.
+        defer { withExtendedLifetime(memory) {} }
         let good = try table.grantAccess(frame: try memory.allocatePage(), to: 0, readOnly: false)
         let frame = try memory.allocatePage()
         var bad = try table.grantAccess(frame: frame, to: 0, readOnly: false)

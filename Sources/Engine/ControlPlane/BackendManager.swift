@@ -44,13 +44,16 @@ public final class BackendManager: @unchecked Sendable {
         for kind in configuration.kinds {
             try context.store.watch(configuration.backendRoot(kind: kind), token: WatchToken.backendTree(kind: kind).text)
         }
-        lock.withLock { watching = true }
         let thread = Thread { [self] in
             run()
             finished.signal()
         }
         thread.name = "blkback-control"
-        self.thread = thread
+        // API threads already running read both under the lock (perform, stop, isWatching).
+        lock.withLock {
+            watching = true
+            self.thread = thread
+        }
         thread.start()
     }
 

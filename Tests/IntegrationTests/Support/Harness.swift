@@ -19,7 +19,15 @@ enum Harness {
             .deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent(".build/debug")
     }()
 
-    static func executable(_ name: String) -> String { binDirectory.appendingPathComponent(name).path }
+    /// Where the simulator's tools come from: BLKBACK_XENSIM_DIR when set, else with the rest.
+    /// scripts/tsan.sh points it at an uninstrumented build: libxenstore cancels its watch
+    /// thread in xs_close, which ThreadSanitizer takes for a thread ending with ignores enabled.
+    static let xensimDirectory: URL = ProcessInfo.processInfo.environment["BLKBACK_XENSIM_DIR"]
+        .map { URL(fileURLWithPath: $0) } ?? binDirectory
+
+    static func executable(_ name: String) -> String {
+        (name == "xensim" ? xensimDirectory : binDirectory).appendingPathComponent(name).path
+    }
 
     struct Result {
         let status: Int32
