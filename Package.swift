@@ -20,7 +20,6 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
-        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
     ],
     targets: [
         cLibrary("CXenStore", pkgConfig: "xenstore", apt: ["libxen-dev"]),
@@ -32,14 +31,33 @@ let package = Package(
         cLibrary("CMicroHTTPD", pkgConfig: "libmicrohttpd", apt: ["libmicrohttpd-dev"]),
         cLibrary("CJansson", pkgConfig: "jansson", apt: ["libjansson-dev"]),
         cLibrary("CURing", pkgConfig: "liburing", apt: ["liburing-dev"]),
+        // Engine: the daemon's xen-blkback, in targets along its seams (docs/architecture.md).
+        // The control plane and the data plane never import each other; they meet in
+        // VBDInterface. The simulator's hypervisor lives outside Engine, in SimHypervisor.
+        .target(name: "Xenbus", dependencies: ["CXenStore"], path: "Sources/Engine/Xenbus"),
+        .target(name: "Blkif", dependencies: ["Xenbus", "CXenBlkif", "CHypervisorShim"], path: "Sources/Engine/Blkif"),
+        .target(
+            name: "Hypervisor",
+            dependencies: ["CXenGnttab", "CXenEvtchn"],
+            path: "Sources/Engine/Hypervisor"
+        ),
+        .target(name: "VBDInterface", dependencies: ["Blkif"], path: "Sources/Engine/VBDInterface"),
+        .target(
+            name: "ControlPlane",
+            dependencies: ["VBDInterface", "Xenbus", "Blkif", .product(name: "Logging", package: "swift-log")],
+            path: "Sources/Engine/ControlPlane"
+        ),
+        .target(
+            name: "DataPlane",
+            dependencies: ["VBDInterface", "Blkif", "Hypervisor", "CURing", .product(name: "Logging", package: "swift-log")],
+            path: "Sources/Engine/DataPlane"
+        ),
         .target(
             name: "Engine",
-            dependencies: [
-                "CXenStore", "CXenGnttab", "CXenEvtchn", "CXenBlkif", "CURing", "CHypervisorShim",
-                .product(name: "Logging", package: "swift-log"),
-                .product(name: "SystemPackage", package: "swift-system"),
-            ]
+            dependencies: ["ControlPlane", "DataPlane", "VBDInterface", "Xenbus", "Blkif", "Hypervisor"],
+            path: "Sources/Engine/Engine"
         ),
+        .target(name: "SimHypervisor", dependencies: ["Hypervisor", "CHypervisorShim", "CXenBlkif"]),
         .target(
             name: "API",
             dependencies: [
@@ -50,15 +68,14 @@ let package = Package(
         .target(
             name: "XenSim",
             dependencies: [
-                "Engine", "CHypervisorShim", "CXenBlkif",
+                "Xenbus", "Blkif", "Hypervisor", "SimHypervisor", "CHypervisorShim", "CXenBlkif",
                 .product(name: "Logging", package: "swift-log"),
-                .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
         .executableTarget(
             name: "BlkbackServer",
             dependencies: [
-                "Engine", "API",
+                "Engine", "SimHypervisor", "API",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -66,14 +83,20 @@ let package = Package(
         .executableTarget(
             name: "xensim",
             dependencies: [
-                "XenSim", "Engine",
+                "XenSim", "SimHypervisor", "Xenbus", "Blkif",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        .testTarget(name: "EngineTests", dependencies: ["Engine", "CXenBlkif"]),
-        .testTarget(name: "XenSimTests", dependencies: ["XenSim", "Engine", "CXenBlkif"]),
-        .testTarget(name: "IntegrationTests", dependencies: ["Engine", "XenSim"]),
-        .testTarget(name: "APITests", dependencies: ["API", "Engine"]),
+        .testTarget(
+            name: "EngineTests",
+            dependencies: ["Engine", "Blkif", "ControlPlane", "DataPlane", "VBDInterface", "Xenbus", "Hypervisor", "SimHypervisor", "CXenBlkif", "CURing"]
+        ),
+        .testTarget(name: "XenSimTests", dependencies: ["XenSim", "Engine", "SimHypervisor", "CXenBlkif", "CURing"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["Xenbus", "XenSim"]),
+        .testTarget(
+            name: "APITests",
+            dependencies: ["API", "Engine", "Blkif", "ControlPlane", "DataPlane", "VBDInterface", "Xenbus", "Hypervisor", "CURing"]
+        ),
     ]
 )

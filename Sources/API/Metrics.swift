@@ -1,5 +1,5 @@
-import Foundation
 import Engine
+import Foundation
 
 /// Prometheus text exposition (format 0.0.4) of every VBD's counters, rendered from the
 /// control plane's snapshots at scrape time: a VBD that goes away takes its series with it.

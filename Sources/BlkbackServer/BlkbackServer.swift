@@ -4,6 +4,7 @@ import Engine
 import Foundation
 import Glibc
 import Logging
+import SimHypervisor
 
 extension Logger.Level: @retroactive ExpressibleByArgument {}
 
@@ -125,7 +126,7 @@ struct BlkbackServer: ParsableCommand {
         // can be served, and that is the message an operator needs.
         let services: HypervisorServices
         do {
-            services = try HypervisorServices.open(simulatorDirectory: sim, localDomain: domid)
+            services = try sim.map { try .simulator(directory: $0, localDomain: domid) } ?? .xen()
         } catch {
             fail("\(error)", code: 2)
         }

@@ -1,5 +1,8 @@
-import Engine
+import Blkif
 import Glibc
+import Hypervisor
+import SimHypervisor
+import Xenbus
 
 /// Write end of the pipe the signal handler pokes; set once before any signal is handled.
 nonisolated(unsafe) private var signalPipe: Int32 = -1

@@ -1,6 +1,9 @@
+import Blkif
 import CHypervisorShim  // <sys/socket.h>: SOCK_* are not visible through Glibc in release (WMO) builds
-import Engine
 import Glibc
+import Hypervisor
+import SimHypervisor
+import Xenbus
 
 extension SimLayout {
     /// The socket files currently in the directory (dom0's and every guest's).

@@ -1,6 +1,9 @@
-import Engine
+import Blkif
 import Foundation
 import Glibc
+import Hypervisor
+import SimHypervisor
+import Xenbus
 
 /// The `xensim run` process of a simulator directory: its pid file, starting it detached,
 /// finding and stopping it.

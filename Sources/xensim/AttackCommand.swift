@@ -1,7 +1,8 @@
 import ArgumentParser
-import Engine
+import Blkif
 import Foundation
 import Glibc
+import Xenbus
 import XenSim
 
 struct AttackCommand: ParsableCommand {

@@ -1,7 +1,9 @@
-import Engine
 import ArgumentParser
+import Blkif
 import Foundation
 import Logging
+import SimHypervisor
+import Xenbus
 import XenSim
 
 /// `xensim run --dir DIR [--detach]`: the simulated hypervisor services and xenstored, one

@@ -1,6 +1,8 @@
 import ArgumentParser
-import Engine
+import Blkif
 import Foundation
+import SimHypervisor
+import Xenbus
 import XenSim
 
 /// `--dir DIR`: the directory that holds one simulator's sockets and state.

@@ -1,6 +1,7 @@
-import Engine
 import ArgumentParser
+import Blkif
 import Foundation
+import Xenbus
 import XenSim
 
 /// `xensim stop --dir DIR`: SIGTERM to the simulator of DIR, wait for it, clean up its files.

@@ -1,6 +1,7 @@
 import ArgumentParser
-import Engine
+import Blkif
 import Foundation
+import Xenbus
 import XenSim
 
 struct DomainCommand: ParsableCommand {

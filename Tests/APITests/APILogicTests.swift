@@ -1,6 +1,12 @@
-import Testing
 @testable import API
-@testable import Engine
+@testable import Blkif
+@testable import ControlPlane
+@testable import DataPlane
+import Engine
+@testable import Hypervisor
+import Testing
+@testable import VBDInterface
+@testable import Xenbus
 
 @Suite struct BearerTokenTests {
     @Test func authorizesOnlyTheExactToken() throws {

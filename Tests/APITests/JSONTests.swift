@@ -1,5 +1,5 @@
-import Testing
 @testable import API
+import Testing
 
 @Suite struct JSONParsingTests {
     private func parse(_ text: String) throws(JSONError) -> JSONValue { try JSONValue.parse(Array(text.utf8)) }

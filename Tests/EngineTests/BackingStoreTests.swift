@@ -1,7 +1,13 @@
+@testable import Blkif
+@testable import ControlPlane
+@testable import DataPlane
+import Engine
 import Foundation
 import Glibc
+@testable import Hypervisor
 import Testing
-@testable import Engine
+@testable import VBDInterface
+@testable import Xenbus
 
 @Suite struct BackingStoreTests {
     /// A temporary file of `bytes` bytes, removed by the caller.

@@ -1,6 +1,12 @@
+@testable import Blkif
+@testable import ControlPlane
+@testable import DataPlane
+import Engine
 import Glibc
+@testable import Hypervisor
 import Testing
-@testable import Engine
+@testable import VBDInterface
+@testable import Xenbus
 
 @Suite struct FrontendStateMachineTests {
     static let backendStates = XenbusState.allCases

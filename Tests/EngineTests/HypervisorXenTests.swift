@@ -1,5 +1,6 @@
 import Engine
 import Glibc
+import SimHypervisor
 import Testing
 
 /// Real Xen on a machine without Xen: opening must fail with the operator's one-line message.
@@ -34,13 +35,13 @@ struct HypervisorXenOpenTests {
 
     @Test func servicesWithoutSimulatorUseRealXen() {
         #expect(throws: HypervisorError.deviceUnavailable(device: "/dev/xen/gntdev", errno: ENOENT, module: "xen-gntdev")) {
-            _ = try HypervisorServices.open(simulatorDirectory: nil)
+            _ = try HypervisorServices.xen()
         }
     }
 
     @Test func simulatorWithoutBrokerSaysWhatToStart() {
         do {
-            _ = try HypervisorServices.open(simulatorDirectory: "/nonexistent-xensim-dir")
+            _ = try HypervisorServices.simulator(directory: "/nonexistent-xensim-dir")
             Issue.record("opened a simulator that does not exist")
         } catch {
             let text = "\(error)"

@@ -1,3 +1,4 @@
+@testable import DataPlane
 import Engine
 import Foundation
 import Testing

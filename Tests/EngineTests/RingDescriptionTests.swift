@@ -1,12 +1,18 @@
+@testable import Blkif
+@testable import ControlPlane
+@testable import DataPlane
+import Engine
 import Glibc
+@testable import Hypervisor
 import Testing
-@testable import Engine
+@testable import VBDInterface
+@testable import Xenbus
 
 @Suite struct RingDescriptionTests {
     let configuration = BackendConfiguration(maxQueues: 4, maxRingPageOrder: 2, persistentGrants: true)
 
     func read(_ keys: [String: String], _ configuration: BackendConfiguration? = nil) throws -> RingDescription {
-        try RingDescription.read(configuration: configuration ?? self.configuration, keys: keys)
+        try RingDescription.read(limits: (configuration ?? self.configuration).ringLimits, keys: keys)
     }
 
     func refusal(_ keys: [String: String]) -> RingDescriptionError? {
@@ -121,7 +127,7 @@ import Testing
 
     @Test func readsOnlyTheKeysItNeeds() throws {
         var asked: [String] = []
-        _ = try RingDescription.read(configuration: configuration) { key in
+        _ = try RingDescription.read(limits: configuration.ringLimits) { key in
             asked.append(key)
             return ["ring-ref": "1", "event-channel": "2"][key]
         }

@@ -1,4 +1,4 @@
-import Engine
+import Xenbus
 import Foundation
 import Testing
 

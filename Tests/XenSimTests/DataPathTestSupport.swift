@@ -2,6 +2,7 @@ import Engine
 import Foundation
 import Glibc
 import Logging
+import SimHypervisor
 import Testing
 import XenSim
 
@@ -30,7 +31,7 @@ final class DataPathGuest {
         memory = try GuestMemory(directory: dir.path, domid: Self.domid)
         grants = try GuestGrantTable(directory: dir.path, domid: Self.domid)
         events = try GuestEventChannels(directory: dir.path, domain: Self.domid)
-        services = try HypervisorServices.open(simulatorDirectory: dir.path)
+        services = try HypervisorServices.simulator(directory: dir.path)
         var logger = Logger(label: "datapath-test")
         logger.logLevel = .warning
         dataPlane = BlkbackDataPlane(services: services, logger: logger)

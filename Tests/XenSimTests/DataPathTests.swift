@@ -1,6 +1,7 @@
 import Engine
 import Foundation
 import Glibc
+import SimHypervisor
 import Testing
 import XenSim
 

@@ -1,5 +1,6 @@
 import Engine
 import Glibc
+import SimHypervisor
 import Testing
 @testable import XenSim
 

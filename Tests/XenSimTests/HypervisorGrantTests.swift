@@ -2,6 +2,7 @@ import CXenBlkif
 import Engine
 import Foundation
 import Glibc
+import SimHypervisor
 import Testing
 import XenSim
 

@@ -1,4 +1,5 @@
 import Engine
+import SimHypervisor
 import Testing
 @testable import XenSim
 

@@ -1,3 +1,7 @@
+import Blkif
+import VBDInterface
+import Xenbus
+
 /// What this backend advertises and serves; fixed for the daemon's lifetime.
 public struct BackendConfiguration: Sendable, Equatable {
     /// Highest ring-page-order a frontend may ask for: XENBUS_MAX_RING_GRANT_ORDER (16 pages).
@@ -54,4 +58,9 @@ public struct BackendConfiguration: Sendable, Equatable {
     public var domainPath: String { "/local/domain/\(domid)" }
 
     public func backendRoot(kind: String) -> String { "\(domainPath)/backend/\(kind)" }
+
+    /// What a frontend's ring description may ask for.
+    public var ringLimits: RingLimits {
+        RingLimits(maxQueues: maxQueues, maxRingPageOrder: maxRingPageOrder, persistentGrants: persistentGrants)
+    }
 }

@@ -1,6 +1,9 @@
+import Blkif
 import Foundation
 import Glibc
 import Logging
+import VBDInterface
+import Xenbus
 
 /// Serves the backend/<kind> trees of our domain: discovers VBDs the toolstack creates,
 /// probes them, follows their frontends and tears them down (xenbus's backend bus plus

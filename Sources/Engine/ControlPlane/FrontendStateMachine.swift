@@ -1,5 +1,8 @@
+import Blkif
 import Foundation
 import Glibc
+import VBDInterface
+import Xenbus
 
 /// What the frontend's `state` node said, read the way xenbus_read_driver_state reads it:
 /// a missing node is Unknown (the frontend directory is gone).

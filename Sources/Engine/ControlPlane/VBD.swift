@@ -1,6 +1,9 @@
+import Blkif
 import Foundation
 import Glibc
 import Logging
+import VBDInterface
+import Xenbus
 
 /// What every VBD shares: the xenstore connection, the configuration and the data plane.
 struct ControlPlaneContext {
@@ -160,7 +163,7 @@ final class VBD {
             // Missing: the watch fired at registration before the hotplug script ran.
             guard let value = try backend("physical-device") else { return }
             guard let number = DeviceNumber(physicalDevice: value) else {
-                fatal(EINVAL, "reading physical-device: '\(RingDescription.sanitized(value))' is not major:minor")
+                fatal(EINVAL, "reading physical-device: '\(XenbusValue.sanitized(value))' is not major:minor")
                 return
             }
             if let open = backingStore {
@@ -251,7 +254,7 @@ final class VBD {
     /// connect_ring: read and validate the frontend's ring description.
     private func connectRing() {
         do {
-            let description = try RingDescription.read(configuration: context.configuration) { key in
+            let description = try RingDescription.read(limits: context.configuration.ringLimits) { key in
                 try store.read(frontendPath + "/" + key)
             }
             rings = description

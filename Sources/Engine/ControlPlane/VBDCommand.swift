@@ -1,4 +1,7 @@
+import Blkif
 import Foundation
+import VBDInterface
+import Xenbus
 
 /// What an operator can ask of one VBD through the API (POST …/state). Each is a xenbus
 /// state change the backend makes on its own side; the frontend follows the protocol.

@@ -1,3 +1,6 @@
+import Blkif
+import VBDInterface
+import Xenbus
 /// The vdisk `info` bits of blkif.h.
 public struct VDiskInfo: OptionSet, Sendable, Hashable {
     public let rawValue: UInt32

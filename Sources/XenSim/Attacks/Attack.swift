@@ -1,5 +1,8 @@
-import Engine
+import Blkif
 import Foundation
+import Hypervisor
+import SimHypervisor
+import Xenbus
 
 /// One way a malicious guest abuses its block device, and what the backend must do about it.
 /// `run` throws AttackFailure when the backend misbehaved, FrontendFailure (or any other

@@ -1,6 +1,9 @@
-import Engine
+import Blkif
 import Foundation
 import Glibc
+import Hypervisor
+import SimHypervisor
+import Xenbus
 
 /// The backend did not behave as specified: what it did instead, one line (exit status 1).
 public struct AttackFailure: Error, CustomStringConvertible {

@@ -1,6 +1,9 @@
-import Engine
+import Blkif
 import Foundation
 import Glibc
+import Hypervisor
+import SimHypervisor
+import Xenbus
 
 // Abuse of the xenbus side: state flips while connecting, ring descriptions naming grants or
 // ports the backend cannot use, watch-event floods, and taking back a page the backend maps.

@@ -1,5 +1,8 @@
-import Engine
+import Blkif
 import Foundation
+import Hypervisor
+import SimHypervisor
+import Xenbus
 
 // Malformed requests on an otherwise healthy ring: each must get an error answer, nothing
 // may be written into the guest's pages or the disk, and the ring keeps being served.

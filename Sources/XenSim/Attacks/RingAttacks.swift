@@ -1,6 +1,9 @@
-import Engine
+import Blkif
 import Foundation
 import Glibc
+import Hypervisor
+import SimHypervisor
+import Xenbus
 
 // Abuse of the shared ring itself: impossible indices, requests changing under the
 // backend's feet, and notifications without end.

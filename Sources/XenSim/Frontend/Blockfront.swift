@@ -1,6 +1,9 @@
-import Engine
+import Blkif
 import Foundation
 import Glibc
+import Hypervisor
+import SimHypervisor
+import Xenbus
 
 /// What the guest asks for; the backend's offers clamp it as in xen-blkfront.
 public struct BlockfrontOptions: Sendable {

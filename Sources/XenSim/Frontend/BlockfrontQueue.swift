@@ -1,4 +1,7 @@
-import Engine
+import Blkif
+import Hypervisor
+import SimHypervisor
+import Xenbus
 
 /// One blkif queue of the guest: its shared ring (2^order granted pages, SHARED_RING_INIT
 /// done), the front half's indices, and the event channel allocated for the backend

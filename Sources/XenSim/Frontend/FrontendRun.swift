@@ -1,6 +1,9 @@
-import Engine
+import Blkif
 import Foundation
 import Glibc
+import Hypervisor
+import SimHypervisor
+import Xenbus
 
 /// The numbers a run ends with; `--json` prints them as one object.
 public struct FrontendReport: Sendable, Codable {

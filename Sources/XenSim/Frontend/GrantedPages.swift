@@ -1,4 +1,7 @@
-import Engine
+import Blkif
+import Hypervisor
+import SimHypervisor
+import Xenbus
 
 /// A guest page granted to the backend.
 public struct GrantedPage: Sendable, Equatable {

@@ -1,8 +1,11 @@
+import Blkif
 import CHypervisorShim
-import Engine
 import Glibc
+import Hypervisor
 import Logging
+import SimHypervisor
 import Synchronization
+import Xenbus
 
 /// The simulated hypervisor's event-channel service (EVTCHNOP_alloc_unbound,
 /// bind_interdomain, close), run inside `xensim run`. Each domain has a listening socket

@@ -1,5 +1,8 @@
-import Engine
+import Blkif
+import Hypervisor
+import SimHypervisor
 import Synchronization
+import Xenbus
 
 /// A guest's side of its grant table, doing what Linux's grant-table.c does for v1 entries.
 public final class GuestGrantTable: @unchecked Sendable {

@@ -1,5 +1,8 @@
-import Engine
+import Blkif
+import Hypervisor
+import SimHypervisor
 import Synchronization
+import Xenbus
 
 /// A guest's own RAM: the domain's memory file mapped shared, plus a page allocator. Frame
 /// numbers are what the guest puts in grant entries and what the backend maps.

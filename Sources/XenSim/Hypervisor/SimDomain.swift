@@ -1,5 +1,8 @@
-import Engine
+import Blkif
 import Glibc
+import Hypervisor
+import SimHypervisor
+import Xenbus
 
 /// A failed guest-side simulator operation, one line for the user.
 public enum SimDomainError: Error, CustomStringConvertible, Sendable, Equatable {

@@ -1,5 +1,8 @@
-import Engine
+import Blkif
 import Foundation
+import Hypervisor
+import SimHypervisor
+import Xenbus
 
 /// The part of libxl that a block backend sees: it creates domains' xenstore trees, writes
 /// the backend and frontend nodes of a disk with the keys and permissions libxl writes, waits

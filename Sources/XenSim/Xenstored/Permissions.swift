@@ -1,4 +1,7 @@
-import Engine
+import Blkif
+import Hypervisor
+import SimHypervisor
+import Xenbus
 
 /// The errno names xenstored answers with (xs_wire.h's xsd_errors); the raw value is what
 /// travels in an XS_ERROR payload.

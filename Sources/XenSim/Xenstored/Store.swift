@@ -1,4 +1,7 @@
-import Engine
+import Blkif
+import Hypervisor
+import SimHypervisor
+import Xenbus
 
 /// One xenstore node: a value (binary, usually ASCII), ordered child names, permissions
 /// (first entry = owner and everyone's default) and the generation of its last change.

@@ -1,5 +1,8 @@
-import Engine
+import Blkif
+import Hypervisor
 import Logging
+import SimHypervisor
+import Xenbus
 
 /// xenstored's request handling without any I/O: connections are ids, requests go in as
 /// `WireMessage`s, replies and watch events come out as deliveries addressed to connections.

@@ -1,6 +1,9 @@
-import Engine
+import Blkif
 import Glibc
+import Hypervisor
 import Logging
+import SimHypervisor
+import Xenbus
 
 /// Serves `Xenstored` on unix sockets from the simulator's event loop: DIR/xenstored.sock for
 /// dom0 (privileged) and DIR/dom<N>.sock for each introduced domain N, whose requests carry

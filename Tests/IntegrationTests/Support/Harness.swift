@@ -86,8 +86,15 @@ final class OutputCollector: @unchecked Sendable {
     }
 
     func finish() -> String {
-        done.wait()
+        awaitEnd()
         return lock.withLock { String(decoding: data, as: UTF8.self) }
+    }
+
+    /// Waits (at most `seconds`) until the pipe reached its end: everything the process wrote
+    /// has been collected. The pipe can outlive the process only through a child it left.
+    func awaitEnd(seconds: TimeInterval = .infinity) {
+        let deadline: DispatchTime = seconds.isFinite ? .now() + seconds : .distantFuture
+        if done.wait(timeout: deadline) == .success { done.signal() }
     }
 
     func snapshot() -> String { lock.withLock { String(decoding: data, as: UTF8.self) } }
@@ -134,6 +141,9 @@ final class BackgroundProcess: @unchecked Sendable {
         while process.isRunning && Date() < deadline { usleep(10_000) }
         if process.isRunning { kill(pid, SIGKILL) }
         process.waitUntilExit()
+        // `output` after the exit must hold all of it: the collectors may still be reading.
+        stdout.awaitEnd(seconds: 10)
+        stderr.awaitEnd(seconds: 10)
         return process.terminationStatus
     }
 

@@ -1,5 +1,22 @@
 import Foundation
 import Glibc
+import Xenbus
+
+/// What a backend accepts of a frontend's ring description (its offers in xenstore).
+public struct RingLimits: Equatable, Sendable {
+    /// multi-queue-max-queues.
+    public var maxQueues: Int
+    /// max-ring-page-order.
+    public var maxRingPageOrder: Int
+    /// feature-persistent offered.
+    public var persistentGrants: Bool
+
+    public init(maxQueues: Int, maxRingPageOrder: Int, persistentGrants: Bool) {
+        self.maxQueues = maxQueues
+        self.maxRingPageOrder = maxRingPageOrder
+        self.persistentGrants = persistentGrants
+    }
+}
 
 /// One queue's shared ring: the grant references of its pages and its event channel.
 public struct RingQueue: Equatable, Sendable {
@@ -42,21 +59,21 @@ extension RingDescription {
     /// relative to the frontend directory ("ring-ref", "queue-1/event-channel") or nil when
     /// it is missing. Reads only the keys the description calls for, so a hostile frontend
     /// bounds our work to maxQueues × (2 + 2^maxRingPageOrder) reads.
-    public static func read(configuration: BackendConfiguration,
+    public static func read(limits: RingLimits,
                             lookup: (String) throws -> String?) throws -> RingDescription {
         let protocolValue = try lookup("protocol")
         guard let blkifProtocol = BlkifProtocol(xenstoreValue: protocolValue) else {
-            throw RingDescriptionError(errno: ENOSYS, message: "unknown fe protocol \(sanitized(protocolValue ?? ""))")
+            throw RingDescriptionError(errno: ENOSYS, message: "unknown fe protocol \(XenbusValue.sanitized(protocolValue ?? ""))")
         }
 
         // xenbus_read_unsigned with default 0: a frontend that offers nothing gets nothing.
         let frontendPersistent = try unsigned(lookup, "feature-persistent", default: 0) != 0
-        let persistentGrants = configuration.persistentGrants && frontendPersistent
+        let persistentGrants = limits.persistentGrants && frontendPersistent
 
         let queueCount = try unsigned(lookup, "multi-queue-num-queues", default: 1)
-        guard queueCount >= 1, queueCount <= UInt64(configuration.maxQueues) else {
+        guard queueCount >= 1, queueCount <= UInt64(limits.maxQueues) else {
             throw RingDescriptionError(errno: ENOSYS, message:
-                "guest requested \(queueCount) queues, exceeding the maximum of \(configuration.maxQueues).")
+                "guest requested \(queueCount) queues, exceeding the maximum of \(limits.maxQueues).")
         }
 
         // ring-page-order lives at the top level and applies to every queue; when present
@@ -64,12 +81,12 @@ extension RingDescription {
         let ringPageOrder: Int
         let multiPage: Bool
         if let orderValue = try lookup("ring-page-order") {
-            guard let order = parseUnsigned(orderValue) else {
-                throw RingDescriptionError(errno: EINVAL, message: "reading ring-page-order: '\(sanitized(orderValue))' is not a number")
+            guard let order = XenbusValue.unsigned(orderValue) else {
+                throw RingDescriptionError(errno: EINVAL, message: "reading ring-page-order: '\(XenbusValue.sanitized(orderValue))' is not a number")
             }
-            guard order <= UInt64(configuration.maxRingPageOrder) else {
+            guard order <= UInt64(limits.maxRingPageOrder) else {
                 throw RingDescriptionError(errno: EINVAL, message:
-                    "requested ring page order \(order) exceed max:\(configuration.maxRingPageOrder)")
+                    "requested ring page order \(order) exceed max:\(limits.maxRingPageOrder)")
             }
             ringPageOrder = Int(order)
             multiPage = true
@@ -88,8 +105,8 @@ extension RingDescription {
     }
 
     /// The same over the frontend's keys already gathered into a dictionary.
-    public static func read(configuration: BackendConfiguration, keys: [String: String]) throws -> RingDescription {
-        try read(configuration: configuration) { keys[$0] }
+    public static func read(limits: RingLimits, keys: [String: String]) throws -> RingDescription {
+        try read(limits: limits) { keys[$0] }
     }
 
     private static func readQueue(_ lookup: (String) throws -> String?, directory: String,
@@ -104,32 +121,17 @@ extension RingDescription {
         guard let value = try lookup(key) else {
             throw RingDescriptionError(errno: EINVAL, message: "reading \(key): missing")
         }
-        guard let number = parseUnsigned(value), let narrow = UInt32(exactly: number) else {
-            throw RingDescriptionError(errno: EINVAL, message: "reading \(key): '\(sanitized(value))' is not a 32-bit unsigned number")
+        guard let number = XenbusValue.unsigned(value), let narrow = UInt32(exactly: number) else {
+            throw RingDescriptionError(errno: EINVAL, message: "reading \(key): '\(XenbusValue.sanitized(value))' is not a 32-bit unsigned number")
         }
         return narrow
     }
 
     private static func unsigned(_ lookup: (String) throws -> String?, _ key: String, default fallback: UInt64) throws -> UInt64 {
         guard let value = try lookup(key) else { return fallback }
-        guard let number = parseUnsigned(value) else {
-            throw RingDescriptionError(errno: EINVAL, message: "reading \(key): '\(sanitized(value))' is not a number")
+        guard let number = XenbusValue.unsigned(value) else {
+            throw RingDescriptionError(errno: EINVAL, message: "reading \(key): '\(XenbusValue.sanitized(value))' is not a number")
         }
         return number
-    }
-
-    /// Decimal digits only (surrounding blanks allowed): stricter than sscanf("%u"), which
-    /// would take "-1" or "12abc".
-    static func parseUnsigned(_ text: String) -> UInt64? {
-        let trimmed = text.trimmingCharacters(in: .whitespaces)
-        guard !trimmed.isEmpty, trimmed.utf8.count <= 20, trimmed.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) else { return nil }
-        return UInt64(trimmed)
-    }
-
-    /// Guest text for a log or error node: printable ASCII, bounded.
-    static func sanitized(_ text: String) -> String {
-        String(String.UnicodeScalarView(text.unicodeScalars.prefix(64).map {
-            $0.isASCII && $0.value >= 0x20 && $0.value < 0x7f ? $0 : "?"
-        }))
     }
 }

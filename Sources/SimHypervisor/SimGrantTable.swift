@@ -1,5 +1,6 @@
 import CHypervisorShim
 import CXenBlkif
+import Hypervisor
 
 /// The v1 grant-entry flag bits (xen/grant_table.h), in Xen's names.
 public enum GrantFlags {

@@ -1,4 +1,5 @@
 import Glibc
+import Hypervisor
 
 /// Where one simulator keeps its state: everything lives under the directory given to
 /// `xensim run --dir DIR` (and `blkback-server --sim DIR`):
@@ -72,5 +73,15 @@ public final class SimSharedFile: @unchecked Sendable {
     deinit {
         munmap(base, size)
         close(descriptor)
+    }
+}
+
+extension HypervisorServices {
+    /// The simulator's grant table and event channels in `directory`, acting as
+    /// `localDomain` (the backend's domid, normally 0).
+    public static func simulator(directory: String, localDomain: UInt32 = 0) throws -> HypervisorServices {
+        _ = try SimEventChannels(directory: directory, domain: localDomain)
+        return HypervisorServices(grants: SimGrantMapper(directory: directory, localDomain: localDomain),
+                                  openEventChannels: { try SimEventChannels(directory: directory, domain: localDomain) })
     }
 }

@@ -1,22 +1,25 @@
-import CURing
+import Blkif
+internal import CURing
 import Glibc
+import Hypervisor
+import VBDInterface
 
 /// One io_uring instance (liburing) for one worker thread. Submissions carry a 64-bit tag
 /// that comes back with the completion; completions also signal an eventfd, so the worker
 /// can poll the ring together with its event channel.
-public final class IOURing {
+final class IOURing {
     /// What a finished operation returned: bytes moved, 0, or -errno.
-    public struct Completion: Sendable {
-        public let tag: UInt64
-        public let result: Int32
+    struct Completion: Sendable {
+        let tag: UInt64
+        let result: Int32
     }
 
     private var ring = io_uring()
     /// Readable whenever completions were posted since the last `drainSignal()`.
-    public let completionDescriptor: Int32
-    public let entries: UInt32
+    let completionDescriptor: Int32
+    let entries: UInt32
 
-    public init(entries: UInt32) throws {
+    init(entries: UInt32) throws {
         self.entries = entries
         let status = io_uring_queue_init(entries, &ring, 0)
         if status < 0 { throw SystemCallError(operation: "io_uring_queue_init(\(entries))", errno: -status) }
@@ -50,27 +53,27 @@ public final class IOURing {
 
     /// Queues a vectored read at `offset`; the iovecs must stay valid until submitted and the
     /// buffers until completion.
-    public func read(_ descriptor: Int32, _ vectors: UnsafePointer<iovec>, count: Int, offset: UInt64, tag: UInt64) throws {
+    func read(_ descriptor: Int32, _ vectors: UnsafePointer<iovec>, count: Int, offset: UInt64, tag: UInt64) throws {
         let entry = try nextEntry()
         io_uring_prep_readv(entry, descriptor, vectors, UInt32(count), offset)
         io_uring_sqe_set_data64(entry, tag)
     }
 
-    public func write(_ descriptor: Int32, _ vectors: UnsafePointer<iovec>, count: Int, offset: UInt64, tag: UInt64) throws {
+    func write(_ descriptor: Int32, _ vectors: UnsafePointer<iovec>, count: Int, offset: UInt64, tag: UInt64) throws {
         let entry = try nextEntry()
         io_uring_prep_writev(entry, descriptor, vectors, UInt32(count), offset)
         io_uring_sqe_set_data64(entry, tag)
     }
 
     /// fdatasync: what FLUSH_DISKCACHE asks of the backing store.
-    public func flush(_ descriptor: Int32, tag: UInt64) throws {
+    func flush(_ descriptor: Int32, tag: UInt64) throws {
         let entry = try nextEntry()
         io_uring_prep_fsync(entry, descriptor, UInt32(IORING_FSYNC_DATASYNC))
         io_uring_sqe_set_data64(entry, tag)
     }
 
     /// Punches a hole (keeping the size): DISCARD on a regular file.
-    public func punchHole(_ descriptor: Int32, offset: UInt64, length: UInt64, tag: UInt64) throws {
+    func punchHole(_ descriptor: Int32, offset: UInt64, length: UInt64, tag: UInt64) throws {
         let entry = try nextEntry()
         io_uring_prep_fallocate(entry, descriptor, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off_t(offset), off_t(length))
         io_uring_sqe_set_data64(entry, tag)
@@ -78,7 +81,7 @@ public final class IOURing {
 
     /// Hands everything queued to the kernel.
     @discardableResult
-    public func submit() throws -> Int {
+    func submit() throws -> Int {
         while true {
             let submitted = io_uring_submit(&ring)
             if submitted >= 0 { return Int(submitted) }
@@ -89,7 +92,7 @@ public final class IOURing {
 
     /// Calls `body` for each posted completion without blocking; returns how many there were.
     @discardableResult
-    public func reapCompletions(_ body: (Completion) -> Void) -> Int {
+    func reapCompletions(_ body: (Completion) -> Void) -> Int {
         var count = 0
         var entry: UnsafeMutablePointer<io_uring_cqe>?
         while io_uring_peek_cqe(&ring, &entry) == 0, let completion = entry {
@@ -101,7 +104,7 @@ public final class IOURing {
     }
 
     /// Clears the eventfd's count; call before reaping so no completion is missed.
-    public func drainSignal() {
+    func drainSignal() {
         var value: UInt64 = 0
         _ = Glibc.read(completionDescriptor, &value, 8)
     }

@@ -1,4 +1,5 @@
 import Glibc
+import Hypervisor
 import Synchronization
 
 /// Grant mapping against the simulator's files, following Xen's __gnttab_map_grant_ref /

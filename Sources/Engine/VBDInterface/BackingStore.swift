@@ -1,3 +1,4 @@
+import Blkif
 import Foundation
 import Glibc
 

@@ -1,3 +1,4 @@
+import Blkif
 import Synchronization
 
 /// The request kinds latency is recorded for (Prometheus label `op`).
@@ -42,7 +43,7 @@ public struct LatencyHistogram: Sendable, Equatable {
         return counts.map { total &+= $0; return total }
     }
 
-    mutating func record(nanoseconds: UInt64) {
+    public mutating func record(nanoseconds: UInt64) {
         let bucket = Self.upperBoundsNanoseconds.firstIndex { nanoseconds <= $0 } ?? Self.upperBounds.count
         counts[bucket] &+= 1
         sumNanoseconds &+= nanoseconds
@@ -81,7 +82,7 @@ public struct VBDStatistics: Sendable, Equatable {
 
     public func latency(_ kind: BlockOperationKind) -> LatencyHistogram { latency[kind.rawValue] }
 
-    mutating func add(_ other: VBDStatistics) {
+    public mutating func add(_ other: VBDStatistics) {
         readRequests &+= other.readRequests
         writeRequests &+= other.writeRequests
         flushRequests &+= other.flushRequests
@@ -93,14 +94,4 @@ public struct VBDStatistics: Sendable, Equatable {
         inflight &+= other.inflight
         for index in latency.indices { latency[index].add(other.latency[index]) }
     }
-}
-
-/// One ring's counters: written by its worker thread, read by anyone. An uncontended lock
-/// per update costs about as much as an atomic increment and keeps a snapshot consistent.
-final class RingStatistics: Sendable {
-    private let values = Mutex(VBDStatistics())
-
-    func update(_ body: (inout VBDStatistics) -> Void) { values.withLock { body(&$0) } }
-
-    var snapshot: VBDStatistics { values.withLock { $0 } }
 }

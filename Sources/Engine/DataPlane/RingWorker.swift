@@ -1,9 +1,12 @@
-import CURing
+import Blkif
+internal import CURing
 import Dispatch
 import Foundation
 import Glibc
+import Hypervisor
 import Logging
 import Synchronization
+import VBDInterface
 
 /// What every ring of one VBD shares: the backing store's I/O descriptor, the limits requests
 /// are checked against and the operations served.

@@ -42,5 +42,5 @@ public enum HypervisorError: Error, CustomStringConvertible, Sendable, Equatable
         }
     }
 
-    static func text(_ errno: Int32) -> String { String(cString: strerror(errno)) }
+    public static func text(_ errno: Int32) -> String { String(cString: strerror(errno)) }
 }

@@ -1,7 +1,10 @@
-import CURing
+import Blkif
+internal import CURing
 import Glibc
+import Hypervisor
 import Logging
 import Synchronization
+import VBDInterface
 
 /// The data plane of Linux xen-blkback (blkback.c) over the hypervisor ports and io_uring:
 /// one worker thread per ring. No persistent grants: every request maps its grants and

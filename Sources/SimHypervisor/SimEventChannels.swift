@@ -1,5 +1,6 @@
 import CHypervisorShim
 import Glibc
+import Hypervisor
 import Synchronization
 
 /// Event channels of the simulator, as seen by one domain (the backend or a guest). Setup goes

@@ -1,5 +1,6 @@
 import CHypervisorShim
 import Glibc
+import Hypervisor
 
 /// One message between a domain and the simulator's event-channel broker over the domain's
 /// SOCK_SEQPACKET socket (DIR/evtchn/dom<N>.sock): four little-endian u32 words.

@@ -1,3 +1,4 @@
+import Blkif
 /// Block operations the data plane serves on a connected device; published at connect
 /// (feature-flush-cache, feature-barrier, feature-discard).
 public struct BlockFeatures: Equatable, Sendable {

@@ -1,3 +1,4 @@
+import Foundation
 import Glibc
 
 /// A self-pipe: another thread makes `descriptor` readable to wake a poll() loop.
@@ -5,9 +6,10 @@ final class WakeupPipe: @unchecked Sendable {
     let descriptor: Int32
     private let writeEnd: Int32
 
-    init() throws(SystemCallError) {
+    init() throws {
         var ends: [Int32] = [-1, -1]
-        guard pipe(&ends) == 0 else { throw SystemCallError(operation: "pipe") }
+        guard pipe(&ends) == 0 else { throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO) }
+        // pipe2 needs _GNU_SOURCE, which Glibc's module does not set: flags one by one.
         for end in ends {
             _ = fcntl(end, F_SETFD, FD_CLOEXEC)
             _ = fcntl(end, F_SETFL, fcntl(end, F_GETFL) | O_NONBLOCK)

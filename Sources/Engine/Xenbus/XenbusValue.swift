@@ -1,0 +1,21 @@
+import Foundation
+
+/// How values read from xenstore are taken apart and shown: the one parser of numbers the
+/// xenbus boundary uses (the role of xenbus_read_unsigned) and the one sanitizer for guest
+/// text that reaches a log or an error node.
+public enum XenbusValue {
+    /// Decimal digits only (surrounding blanks allowed): stricter than sscanf("%u"), which
+    /// would take "-1" or "12abc".
+    public static func unsigned(_ text: String) -> UInt64? {
+        let trimmed = text.trimmingCharacters(in: .whitespaces)
+        guard !trimmed.isEmpty, trimmed.utf8.count <= 20, trimmed.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) else { return nil }
+        return UInt64(trimmed)
+    }
+
+    /// Guest text for a log or error node: printable ASCII, bounded.
+    public static func sanitized(_ text: String) -> String {
+        String(String.UnicodeScalarView(text.unicodeScalars.prefix(64).map {
+            $0.isASCII && $0.value >= 0x20 && $0.value < 0x7f ? $0 : "?"
+        }))
+    }
+}
