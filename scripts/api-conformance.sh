@@ -24,7 +24,13 @@ pids=()
 cleanup() {
     local status=$?
     for pid in "${pids[@]}"; do kill -CONT "$pid" 2>/dev/null || true; kill "$pid" 2>/dev/null || true; done
-    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    # A guest whose backend went away waits to reconnect: it gets 10 s, then SIGKILL.
+    local deadline=$((SECONDS + 10))
+    for pid in "${pids[@]}"; do
+        while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
     "$bin/xensim" stop --dir "$work" >/dev/null 2>&1 || true
     if [ $status -ne 0 ]; then
         echo "--- daemon log (tail)"; tail -n 40 "$work/daemon.log" 2>/dev/null || true
