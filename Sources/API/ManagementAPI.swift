@@ -12,7 +12,7 @@ public protocol ManagedBackend: AnyObject, Sendable {
 
 extension BackendManager: ManagedBackend {}
 
-/// The REST API of CONTRACT.md over an engine: routing, bearer-token check, JSON in and out.
+/// The REST API of docs/api.md (described in openapi.yaml) over an engine: routing, bearer-token check, JSON in and out.
 public struct ManagementAPI: Sendable {
     private let backend: any ManagedBackend
     private let token: BearerToken?

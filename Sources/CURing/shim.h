@@ -1,5 +1,5 @@
 /* liburing.h sets _XOPEN_SOURCE itself; pulling <features.h> in first keeps fd_set and
- * friends identical across modules (see shared/notes/swift-c-interop.md). */
+ * friends identical across modules (docs/architecture.md, "C libraries from Swift"). */
 #include <features.h>
 #include <fcntl.h>
 #include <liburing.h>
