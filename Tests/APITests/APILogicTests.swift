@@ -1,12 +1,7 @@
 @testable import API
-@testable import Blkif
 @testable import ControlPlane
-@testable import DataPlane
 import Engine
-@testable import Hypervisor
 import Testing
-@testable import VBDInterface
-@testable import Xenbus
 
 @Suite struct BearerTokenTests {
     @Test func authorizesOnlyTheExactToken() throws {

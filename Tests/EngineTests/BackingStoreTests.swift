@@ -1,13 +1,8 @@
-@testable import Blkif
-@testable import ControlPlane
-@testable import DataPlane
 import Engine
 import Foundation
 import Glibc
-@testable import Hypervisor
 import Testing
 @testable import VBDInterface
-@testable import Xenbus
 
 @Suite struct BackingStoreTests {
     /// A temporary file of `bytes` bytes, removed by the caller.

@@ -1,11 +1,6 @@
-@testable import Blkif
 @testable import ControlPlane
-@testable import DataPlane
 import Engine
-@testable import Hypervisor
 import Testing
-@testable import VBDInterface
-@testable import Xenbus
 
 @Suite struct ConfigurationTests {
     @Test func defaultsAreValid() {

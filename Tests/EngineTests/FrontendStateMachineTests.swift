@@ -1,12 +1,7 @@
-@testable import Blkif
 @testable import ControlPlane
-@testable import DataPlane
 import Engine
 import Glibc
-@testable import Hypervisor
 import Testing
-@testable import VBDInterface
-@testable import Xenbus
 
 @Suite struct FrontendStateMachineTests {
     static let backendStates = XenbusState.allCases

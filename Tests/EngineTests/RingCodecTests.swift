@@ -1,12 +1,7 @@
 @testable import Blkif
-@testable import ControlPlane
 import CXenBlkif
-@testable import DataPlane
 import Engine
-@testable import Hypervisor
 import Testing
-@testable import VBDInterface
-@testable import Xenbus
 
 /// Frontend encode → backend decode and back, for every operation and ABI, plus the
 /// byte-exact wire images.

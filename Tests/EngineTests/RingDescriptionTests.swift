@@ -1,12 +1,8 @@
 @testable import Blkif
 @testable import ControlPlane
-@testable import DataPlane
 import Engine
 import Glibc
-@testable import Hypervisor
 import Testing
-@testable import VBDInterface
-@testable import Xenbus
 
 @Suite struct RingDescriptionTests {
     let configuration = BackendConfiguration(maxQueues: 4, maxRingPageOrder: 2, persistentGrants: true)

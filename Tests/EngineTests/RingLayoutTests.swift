@@ -1,12 +1,7 @@
 @testable import Blkif
-@testable import ControlPlane
 import CXenBlkif
-@testable import DataPlane
 import Engine
-@testable import Hypervisor
 import Testing
-@testable import VBDInterface
-@testable import Xenbus
 
 /// The Swift layouts against the installed <xen/io/blkif.h> (native) and the x86_32 ABI
 /// numbers of Linux's packed blkif_x86_32_* structs.

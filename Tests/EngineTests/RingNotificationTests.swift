@@ -1,12 +1,7 @@
 @testable import Blkif
-@testable import ControlPlane
-@testable import DataPlane
 import Engine
 import Foundation
-@testable import Hypervisor
 import Testing
-@testable import VBDInterface
-@testable import Xenbus
 
 /// Event suppression (req_event / rsp_event) and index checks of the two ring halves.
 @Suite struct RingNotificationTests {

@@ -1,11 +1,6 @@
 @testable import Blkif
-@testable import ControlPlane
-@testable import DataPlane
 import Engine
-@testable import Hypervisor
 import Testing
-@testable import VBDInterface
-@testable import Xenbus
 
 /// Page-aligned memory standing in for a granted ring (or indirect) page set.
 final class RingMemory {

@@ -1,11 +1,6 @@
 @testable import Blkif
-@testable import ControlPlane
-@testable import DataPlane
 import Engine
-@testable import Hypervisor
 import Testing
-@testable import VBDInterface
-@testable import Xenbus
 
 /// Every rejection of the backend-side validation, and the requests that must pass.
 @Suite struct RingValidationTests {
