@@ -41,7 +41,7 @@ let package = Package(
             dependencies: ["CXenGnttab", "CXenEvtchn"],
             path: "Sources/Engine/Hypervisor"
         ),
-        .target(name: "VBDInterface", dependencies: ["Blkif"], path: "Sources/Engine/VBDInterface"),
+        .target(name: "VBDInterface", dependencies: ["Blkif", "Xenbus"], path: "Sources/Engine/VBDInterface"),
         .target(
             name: "ControlPlane",
             dependencies: ["VBDInterface", "Xenbus", "Blkif", .product(name: "Logging", package: "swift-log")],

@@ -6,7 +6,7 @@ import Foundation
 public protocol ManagedBackend: AnyObject, Sendable {
     var isWatching: Bool { get }
     func snapshots() -> [VBDSnapshot]
-    func perform(_ command: VBDStateCommand, domid: UInt32, devid: UInt32, kind: String?,
+    func perform(_ command: VBDStateCommand, on selector: VBDSelector,
                  timeout: Double) -> Result<VBDSnapshot, VBDCommandError>
 }
 
@@ -14,6 +14,9 @@ extension BackendManager: ManagedBackend {}
 
 /// The REST API of docs/api.md (described in openapi.yaml) over an engine: routing, bearer-token check, JSON in and out.
 public struct ManagementAPI: Sendable {
+    /// How long a state command may take on the control-plane thread before the answer is 503.
+    static let commandTimeout = 5.0
+
     private let backend: any ManagedBackend
     private let token: BearerToken?
 
@@ -92,37 +95,37 @@ public struct ManagementAPI: Sendable {
 
     // MARK: handlers
 
-    private struct ErrorResponse: Error {
+    struct ErrorResponse: Error {
         let status: Int
         let message: String
         func with(pretty: Bool) -> HTTPResponse { ManagementAPI.errorResponse(status, message, pretty: pretty) }
     }
 
-    /// Parsed path numbers and the optional `kind` query argument.
-    private func identify(_ domid: String, _ devid: String, _ request: HTTPRequest) -> Result<(UInt32, UInt32, String?), ErrorResponse> {
-        guard let domidNumber = Self.number(domid), domidNumber < 0x7FF0 else {
-            return .failure(ErrorResponse(status: 400, message: "domid '\(Self.printable(domid))' is not a domain number (0 to 32751)"))
+    /// The VBD a path names: its numbers, parsed once, and the optional `kind` query argument.
+    static func selector(_ domid: String, _ devid: String, _ request: HTTPRequest) -> Result<VBDSelector, ErrorResponse> {
+        guard let domain = DomainID(pathElement: domid) else {
+            return .failure(ErrorResponse(status: 400, message: "domid '\(printable(domid))' is not a domain number (0 to \(DomainID.largest))"))
         }
-        guard let devidNumber = Self.number(devid) else {
-            return .failure(ErrorResponse(status: 400, message: "devid '\(Self.printable(devid))' is not a device number (0 to 4294967295)"))
+        guard let device = XenbusValue.pathNumber(devid) else {
+            return .failure(ErrorResponse(status: 400, message: "devid '\(printable(devid))' is not a device number (0 to 4294967295)"))
         }
-        return .success((domidNumber, devidNumber, request.query["kind"]))
+        return .success(VBDSelector(domid: domain, devid: device, kind: request.query["kind"]))
     }
 
     private func lookup(_ domid: String, _ devid: String, _ request: HTTPRequest) -> Result<VBDSnapshot, ErrorResponse> {
-        identify(domid, devid, request).flatMap { domid, devid, kind in
-            guard let vbd = backend.snapshots().first(where: { $0.domid == domid && $0.devid == devid && (kind == nil || $0.kind == kind) }) else {
-                return .failure(ErrorResponse(status: 404, message: "no VBD \(domid)/\(devid)\(kind.map { " of kind \(Self.printable($0))" } ?? ""); GET /v1/vbds lists them"))
+        Self.selector(domid, devid, request).flatMap { selector in
+            guard let vbd = selector.pick(backend.snapshots(), identity: \.identity) else {
+                return .failure(ErrorResponse(status: 404, message: selector.notFound))
             }
             return .success(vbd)
         }
     }
 
     private func changeState(_ domid: String, _ devid: String, _ request: HTTPRequest, pretty: Bool) -> HTTPResponse {
-        let domidNumber: UInt32, devidNumber: UInt32, kind: String?
-        switch identify(domid, devid, request) {
+        let selector: VBDSelector
+        switch Self.selector(domid, devid, request) {
         case .failure(let failure): return failure.with(pretty: pretty)
-        case .success(let identity): (domidNumber, devidNumber, kind) = identity
+        case .success(let parsed): selector = parsed
         }
         let command: VBDStateCommand
         do {
@@ -130,11 +133,11 @@ public struct ManagementAPI: Sendable {
         } catch {
             return self.error(400, error.description, pretty: pretty)
         }
-        switch backend.perform(command, domid: domidNumber, devid: devidNumber, kind: kind, timeout: 5) {
+        switch backend.perform(command, on: selector, timeout: Self.commandTimeout) {
         case .success(let vbd):
             return json(202, Self.vbdJSON(vbd), pretty: pretty)
         case .failure(.unknownDevice):
-            return error(404, "no VBD \(domidNumber)/\(devidNumber)\(kind.map { " of kind \(Self.printable($0))" } ?? ""); GET /v1/vbds lists them", pretty: pretty)
+            return error(404, selector.notFound, pretty: pretty)
         case .failure(.conflict(let reason)):
             return error(409, reason, pretty: pretty)
         case .failure(.unavailable(let reason)):
@@ -218,12 +221,6 @@ public struct ManagementAPI: Sendable {
     }
 
     // MARK: helpers
-
-    /// Decimal digits only (no sign, no spaces), within UInt32.
-    static func number(_ text: String) -> UInt32? {
-        guard !text.isEmpty, text.utf8.count <= 10, text.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) else { return nil }
-        return UInt32(text)
-    }
 
     /// Client-supplied text echoed in an error: one line, bounded, no control characters.
     static func printable(_ text: String) -> String {

@@ -45,13 +45,15 @@ import Testing
         #expect(!pretty(accept: "text/plain;q=0.2, application/json"))
     }
 
-    @Test func pathNumbers() {
-        #expect(ManagementAPI.number("0") == 0)
-        #expect(ManagementAPI.number("51712") == 51712)
-        #expect(ManagementAPI.number("4294967295") == UInt32.max)
-        for bad in ["", "-1", "+1", " 1", "1e3", "4294967296", "99999999999", "0x10", "١"] {
-            #expect(ManagementAPI.number(bad) == nil, "\(bad)")
+    @Test func pathNumbersAreCanonicalDecimals() {
+        #expect(XenbusValue.pathNumber("0") == 0)
+        #expect(XenbusValue.pathNumber("51712") == 51712)
+        #expect(XenbusValue.pathNumber("4294967295") == UInt32.max)
+        for bad in ["", "-1", "+1", " 1", "1e3", "4294967296", "99999999999", "0x10", "١", "007"] {
+            #expect(XenbusValue.pathNumber(bad) == nil, "\(bad)")
         }
+        #expect(DomainID(pathElement: "32751") == DomainID.largest)
+        #expect(DomainID(pathElement: "32752") == nil)
     }
 
     @Test func echoedTextIsOneBoundedLine() {
@@ -62,7 +64,7 @@ import Testing
 
 @Suite struct MetricsExpositionTests {
     private func snapshot(target: String = "/srv/disk.img", statistics: VBDStatistics? = nil) -> VBDSnapshot {
-        VBDSnapshot(kind: "vbd", domid: 3, devid: 51712, backendPath: "/local/domain/0/backend/vbd/3/51712",
+        VBDSnapshot(identity: VBDIdentity(kind: "vbd", domid: DomainID(rawValue: 3)!, devid: 51712), backendPath: "/local/domain/0/backend/vbd/3/51712",
                     frontendPath: "/local/domain/3/device/vbd/51712", backendState: .connected, frontendState: .connected,
                     mode: "w", target: target, sectors: 2048, sectorSize: 512, physicalSectorSize: 4096, info: [],
                     protocol: "x86_64-abi", queues: 2, ringPageOrder: 1, persistentGrants: false, maxIndirectSegments: 256,

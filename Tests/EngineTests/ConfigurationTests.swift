@@ -18,11 +18,13 @@ import Testing
     }
 
     @Test func watchTokensRoundTrip() {
-        for token in [WatchToken.backendTree(kind: "vbd"), .frontendState(backendPath: "/local/domain/0/backend/vbd/1/51712"),
-                      .physicalDevice(backendPath: "/a:b")] {
+        let vbd = VBDIdentity(kind: "vbd3", domid: DomainID(rawValue: 1)!, devid: 51712)
+        for token in [WatchToken.backendTree(kind: "vbd"), .frontendState(vbd), .physicalDevice(vbd)] {
             #expect(WatchToken(token.text) == token)
         }
         #expect(WatchToken("nonsense") == nil)
         #expect(WatchToken("other:x") == nil)
+        #expect(WatchToken("frontend-state:vbd/1") == nil)
+        #expect(WatchToken("frontend-state:vbd/32752/51712") == nil)
     }
 }

@@ -11,12 +11,12 @@ import Testing
         try RingDescription.read(limits: (configuration ?? self.configuration).ringLimits, keys: keys)
     }
 
-    func refusal(_ keys: [String: String]) -> RingDescriptionError? {
+    func refusal(_ keys: [String: String]) -> XenbusFailure? {
         do {
             _ = try read(keys)
             return nil
         } catch {
-            return error as? RingDescriptionError
+            return error as? XenbusFailure
         }
     }
 
@@ -39,7 +39,7 @@ import Testing
 
     @Test func unknownProtocolIsRefused() {
         let error = refusal(["ring-ref": "1", "event-channel": "2", "protocol": "sparc-abi"])
-        #expect(error == RingDescriptionError(errno: ENOSYS, message: "unknown fe protocol sparc-abi"))
+        #expect(error == XenbusFailure(errno: ENOSYS, message: "unknown fe protocol sparc-abi"))
     }
 
     @Test func persistentGrantsNeedBothSides() throws {
@@ -67,7 +67,7 @@ import Testing
 
     @Test func orderAboveTheAdvertisedMaximumIsRefused() {
         let error = refusal(["ring-page-order": "3", "event-channel": "5"])
-        #expect(error == RingDescriptionError(errno: EINVAL, message: "requested ring page order 3 exceed max:2"))
+        #expect(error == XenbusFailure(errno: EINVAL, message: "requested ring page order 3 exceed max:2"))
     }
 
     @Test func missingNumberedRefIsRefused() {
@@ -93,7 +93,7 @@ import Testing
         if count == "4294967297" {
             #expect(error?.errno == ENOSYS)
         } else {
-            #expect(error == RingDescriptionError(errno: ENOSYS, message: "guest requested \(count) queues, exceeding the maximum of 4."))
+            #expect(error == XenbusFailure(errno: ENOSYS, message: "guest requested \(count) queues, exceeding the maximum of 4."))
         }
     }
 

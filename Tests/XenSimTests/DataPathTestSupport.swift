@@ -49,7 +49,7 @@ final class DataPathGuest {
     let readOnly: Bool
 
     func request(maxIndirectSegments: Int = 256) throws -> DataPlaneRequest {
-        DataPlaneRequest(kind: "vbd", domid: Self.domid, devid: 51712,
+        DataPlaneRequest(vbd: VBDIdentity(kind: "vbd", domid: DomainID(rawValue: Self.domid)!, devid: 51712),
                          backingStore: try BackingStore.open(.path(imagePath), readOnly: readOnly),
                          rings: RingDescription(protocol: .x86_64, ringPageOrder: 0,
                                                 queues: [RingQueue(ringRefs: [ringRef], eventChannel: port)],

@@ -69,9 +69,15 @@ import Testing
         let queue = try BlockfrontQueue(index: 0, pageOrder: order, protocol: abi, backend: 0, pages: pages,
                                         eventChannels: guestChannels)
         #expect(queue.ringPages.count == 1 << order)
-        let keys = Dictionary(uniqueKeysWithValues: queue.keys(prefix: "queue-0/", multiPage: order > 0))
+        // The keys talk_to_blkback writes (two queues, so under queue-N/) read back the same.
+        let description = RingDescription(protocol: abi, ringPageOrder: order, queues: [queue.ringQueue, queue.ringQueue],
+                                          persistentGrants: false)
+        let keys = Dictionary(uniqueKeysWithValues: description.keys)
         #expect(keys["queue-0/event-channel"] == "\(queue.port)")
-        #expect(keys.count == (order > 0 ? (1 << order) + 1 : 2))
+        #expect(keys.count == 2 * (order > 0 ? (1 << order) + 1 : 2) + (order > 0 ? 1 : 0) + 3)
+        let limits = RingLimits(maxQueues: 2, maxRingPageOrder: 4, persistentGrants: true)
+        #expect(try RingDescription.read(limits: limits, keys: keys).keys.map(\.0) == description.keys.map(\.0))
+        #expect(try RingDescription.read(limits: limits, keys: keys).queues == description.queues)
 
         // The backend's side, as the data plane sets it up from those keys.
         let mapper = SimGrantMapper(directory: dir.path)

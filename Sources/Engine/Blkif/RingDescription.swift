@@ -46,14 +46,6 @@ public struct RingDescription: Equatable, Sendable {
     }
 }
 
-/// Why a frontend's ring description was refused: the errno and the one line
-/// xenbus_dev_fatal reports.
-public struct RingDescriptionError: Error, Equatable, Sendable, CustomStringConvertible {
-    public var errno: Int32
-    public var message: String
-    public var description: String { message }
-}
-
 extension RingDescription {
     /// Reads and validates the description through `lookup`, which returns the value of a key
     /// relative to the frontend directory ("ring-ref", "queue-1/event-channel") or nil when
@@ -63,7 +55,7 @@ extension RingDescription {
                             lookup: (String) throws -> String?) throws -> RingDescription {
         let protocolValue = try lookup("protocol")
         guard let blkifProtocol = BlkifProtocol(xenstoreValue: protocolValue) else {
-            throw RingDescriptionError(errno: ENOSYS, message: "unknown fe protocol \(XenbusValue.sanitized(protocolValue ?? ""))")
+            throw XenbusFailure(errno: ENOSYS, message: "unknown fe protocol \(XenbusValue.sanitized(protocolValue ?? ""))")
         }
 
         // xenbus_read_unsigned with default 0: a frontend that offers nothing gets nothing.
@@ -72,7 +64,7 @@ extension RingDescription {
 
         let queueCount = try unsigned(lookup, "multi-queue-num-queues", default: 1)
         guard queueCount >= 1, queueCount <= UInt64(limits.maxQueues) else {
-            throw RingDescriptionError(errno: ENOSYS, message:
+            throw XenbusFailure(errno: ENOSYS, message:
                 "guest requested \(queueCount) queues, exceeding the maximum of \(limits.maxQueues).")
         }
 
@@ -82,10 +74,10 @@ extension RingDescription {
         let multiPage: Bool
         if let orderValue = try lookup("ring-page-order") {
             guard let order = XenbusValue.unsigned(orderValue) else {
-                throw RingDescriptionError(errno: EINVAL, message: "reading ring-page-order: '\(XenbusValue.sanitized(orderValue))' is not a number")
+                throw XenbusFailure(errno: EINVAL, message: "reading ring-page-order: '\(XenbusValue.sanitized(orderValue))' is not a number")
             }
             guard order <= UInt64(limits.maxRingPageOrder) else {
-                throw RingDescriptionError(errno: EINVAL, message:
+                throw XenbusFailure(errno: EINVAL, message:
                     "requested ring page order \(order) exceed max:\(limits.maxRingPageOrder)")
             }
             ringPageOrder = Int(order)
@@ -119,10 +111,10 @@ extension RingDescription {
 
     private static func required32(_ lookup: (String) throws -> String?, _ key: String) throws -> UInt32 {
         guard let value = try lookup(key) else {
-            throw RingDescriptionError(errno: EINVAL, message: "reading \(key): missing")
+            throw XenbusFailure(errno: EINVAL, message: "reading \(key): missing")
         }
         guard let number = XenbusValue.unsigned(value), let narrow = UInt32(exactly: number) else {
-            throw RingDescriptionError(errno: EINVAL, message: "reading \(key): '\(XenbusValue.sanitized(value))' is not a 32-bit unsigned number")
+            throw XenbusFailure(errno: EINVAL, message: "reading \(key): '\(XenbusValue.sanitized(value))' is not a 32-bit unsigned number")
         }
         return narrow
     }
@@ -130,8 +122,39 @@ extension RingDescription {
     private static func unsigned(_ lookup: (String) throws -> String?, _ key: String, default fallback: UInt64) throws -> UInt64 {
         guard let value = try lookup(key) else { return fallback }
         guard let number = XenbusValue.unsigned(value) else {
-            throw RingDescriptionError(errno: EINVAL, message: "reading \(key): '\(XenbusValue.sanitized(value))' is not a number")
+            throw XenbusFailure(errno: EINVAL, message: "reading \(key): '\(XenbusValue.sanitized(value))' is not a number")
         }
         return number
+    }
+}
+
+extension RingDescription {
+    /// The frontend's keys for this description, relative to its directory, as
+    /// talk_to_blkback writes them; `read` takes them back. One queue: keys at the top level;
+    /// more: multi-queue-num-queues and queue-N/. Order 0: ring-ref; else ring-page-order and
+    /// ring-ref0..N.
+    public var keys: [(String, String)] {
+        var keys: [(String, String)] = []
+        if ringPageOrder > 0 { keys.append(("ring-page-order", "\(ringPageOrder)")) }
+        if queues.count > 1 { keys.append(("multi-queue-num-queues", "\(queues.count)")) }
+        for (index, queue) in queues.enumerated() {
+            let directory = queues.count == 1 ? "" : "queue-\(index)/"
+            if ringPageOrder > 0 {
+                for (page, ref) in queue.ringRefs.enumerated() { keys.append(("\(directory)ring-ref\(page)", "\(ref)")) }
+            } else {
+                keys.append(("\(directory)ring-ref", "\(queue.ringRefs.first ?? 0)"))
+            }
+            keys.append(("\(directory)event-channel", "\(queue.eventChannel)"))
+        }
+        keys.append(("protocol", self.protocol.xenstoreValue))
+        keys.append(("feature-persistent", persistentGrants ? "1" : "0"))
+        return keys
+    }
+
+    /// Whether a frontend key (a name in its directory) is part of a ring description: those
+    /// of an earlier session, perhaps of another shape, must go before new ones are written.
+    public static func isRingKey(_ name: String) -> Bool {
+        name.hasPrefix("ring-ref") || name.hasPrefix("queue-") || name == "ring-page-order"
+            || name == "multi-queue-num-queues" || name == "event-channel"
     }
 }

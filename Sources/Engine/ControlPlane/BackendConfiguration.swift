@@ -1,5 +1,6 @@
 import Blkif
 import VBDInterface
+import VBDInterface
 import Xenbus
 
 /// What this backend advertises and serves; fixed for the daemon's lifetime.
@@ -58,6 +59,9 @@ public struct BackendConfiguration: Sendable, Equatable {
     public var domainPath: String { "/local/domain/\(domid)" }
 
     public func backendRoot(kind: String) -> String { "\(domainPath)/backend/\(kind)" }
+
+    /// backend/<kind>/<domid>/<devid> in our domain's tree.
+    public func backendPath(_ vbd: VBDIdentity) -> String { "\(backendRoot(kind: vbd.kind))/\(vbd.domid)/\(vbd.devid)" }
 
     /// What a frontend's ring description may ask for.
     public var ringLimits: RingLimits {

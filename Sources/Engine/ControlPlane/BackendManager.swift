@@ -16,7 +16,7 @@ public final class BackendManager: @unchecked Sendable {
     private var configuration: BackendConfiguration { context.configuration }
 
     // Owned by the control-plane thread.
-    private var devices: [String: VBD] = [:]
+    private var devices: [VBDIdentity: VBD] = [:]
     /// Rings of forgotten devices that still had requests in flight.
     private var draining: [VBD.PendingRelease] = []
 
@@ -90,9 +90,9 @@ public final class BackendManager: @unchecked Sendable {
     /// most `timeout` seconds) for its answer: the VBD as it is right after the command.
     /// `kind` nil: the first served kind that has this domid/devid. Safe from any thread;
     /// never touches the data plane's threads.
-    public func perform(_ command: VBDStateCommand, domid: UInt32, devid: UInt32, kind: String? = nil,
-                        timeout: Double = 5) -> Result<VBDSnapshot, VBDCommandError> {
-        let pending = PendingCommand(command, domid: domid, devid: devid, kind: kind)
+    public func perform(_ command: VBDStateCommand, on selector: VBDSelector,
+                        timeout: Double) -> Result<VBDSnapshot, VBDCommandError> {
+        let pending = PendingCommand(command, selector: selector)
         let accepted = lock.withLock {
             guard !stopRequested, thread != nil else { return false }
             commands.append(pending)
@@ -125,13 +125,7 @@ public final class BackendManager: @unchecked Sendable {
         shutdown()
     }
 
-    /// Where an event under backend/<kind> points.
-    private struct DeviceKey: Hashable {
-        let kind: String
-        let domid: String
-        let devid: String
-    }
-
+    /// backend/<kind>/<domid>, as named in xenstore (checked when its devices are).
     private struct DomainKey: Hashable {
         let kind: String
         let domid: String
@@ -144,9 +138,9 @@ public final class BackendManager: @unchecked Sendable {
         guard !events.isEmpty else { return }
         var kinds = Set<String>()
         var domains = Set<DomainKey>()
-        var deviceEvents: [DeviceKey: Bool] = [:]   // value: an event named the device directory itself
-        var frontendChanges = Set<String>()
-        var physicalDeviceChanges = Set<String>()
+        var deviceEvents: [VBDIdentity: Bool] = [:]   // value: an event named the device directory itself
+        var frontendChanges = Set<VBDIdentity>()
+        var physicalDeviceChanges = Set<VBDIdentity>()
         for event in events {
             switch WatchToken(event.token) {
             case .backendTree(let kind):
@@ -156,13 +150,17 @@ public final class BackendManager: @unchecked Sendable {
                 if components.count == 1 {
                     domains.insert(DomainKey(kind: kind, domid: String(components[0])))
                 } else if components.count >= 2 {
-                    let key = DeviceKey(kind: kind, domid: String(components[0]), devid: String(components[1]))
+                    // Names xenbus would not bind (not numbers, reserved domids) are left alone.
+                    guard let key = VBDIdentity(kind: kind, domid: components[0], devid: components[1]) else {
+                        logger.debug("ignoring \(event.path): not backend/<kind>/<domid>/<devid>")
+                        continue
+                    }
                     deviceEvents[key] = (deviceEvents[key] ?? false) || components.count == 2
                 }
-            case .frontendState(let backendPath):
-                frontendChanges.insert(backendPath)
-            case .physicalDevice(let backendPath):
-                physicalDeviceChanges.insert(backendPath)
+            case .frontendState(let vbd):
+                frontendChanges.insert(vbd)
+            case .physicalDevice(let vbd):
+                physicalDeviceChanges.insert(vbd)
             case nil:
                 logger.debug("watch event with unknown token \(event.token) for \(event.path)")
             }
@@ -170,13 +168,13 @@ public final class BackendManager: @unchecked Sendable {
         for kind in kinds { scan(kind: kind) }
         for domain in domains where !kinds.contains(domain.kind) { scan(domain) }
         for (device, atDirectory) in deviceEvents
-        where !kinds.contains(device.kind) && !domains.contains(DomainKey(kind: device.kind, domid: device.domid)) {
+        where !kinds.contains(device.kind) && !domains.contains(DomainKey(kind: device.kind, domid: device.domid.description)) {
             check(device, atDirectory: atDirectory)
         }
         // The backing store first, so a frontend that is already waiting connects.
-        for path in physicalDeviceChanges { devices[path]?.physicalDeviceChanged() }
-        for path in frontendChanges {
-            guard let device = devices[path] else { continue }
+        for vbd in physicalDeviceChanges { devices[vbd]?.physicalDeviceChanged() }
+        for vbd in frontendChanges {
+            guard let device = devices[vbd] else { continue }
             if device.frontendStateChanged() == .unregister { forget(device, .unregistered) }
         }
     }
@@ -185,7 +183,7 @@ public final class BackendManager: @unchecked Sendable {
     private func scan(kind: String) {
         do {
             let domids = Set(try context.store.directory(configuration.backendRoot(kind: kind)) ?? [])
-            for device in devices.values where device.kind == kind && !domids.contains(String(device.domid)) {
+            for device in devices.values where device.identity.kind == kind && !domids.contains(device.identity.domid.description) {
                 forget(device, .removed)
             }
             for domid in domids { scan(DomainKey(kind: kind, domid: domid)) }
@@ -200,26 +198,27 @@ public final class BackendManager: @unchecked Sendable {
         do {
             let devids = Set(try context.store.directory(path) ?? [])
             for device in devices.values
-            where device.kind == domain.kind && String(device.domid) == domain.domid && !devids.contains(String(device.devid)) {
+            where device.identity.kind == domain.kind && device.identity.domid.description == domain.domid
+                && !devids.contains(String(device.identity.devid)) {
                 forget(device, .removed)
             }
-            for devid in devids { check(DeviceKey(kind: domain.kind, domid: domain.domid, devid: devid), atDirectory: false) }
+            for devid in devids {
+                guard let vbd = VBDIdentity(kind: domain.kind, domid: domain.domid, devid: devid) else {
+                    logger.debug("ignoring \(path)/\(devid): not backend/<kind>/<domid>/<devid>")
+                    continue
+                }
+                check(vbd, atDirectory: false)
+            }
         } catch {
             logger.warning("scanning \(path) failed: \(error)")
         }
     }
 
     /// One device directory: probe it when it is new, forget it when it is gone.
-    private func check(_ key: DeviceKey, atDirectory: Bool) {
-        // Names xenbus would not bind (not numbers, reserved domids) are left alone.
-        guard let domid = UInt32(key.domid), domid < 0x7FF0, String(domid) == key.domid,
-              let devid = UInt32(key.devid), String(devid) == key.devid else {
-            logger.debug("ignoring backend/\(key.kind)/\(key.domid)/\(key.devid): not <domid>/<devid>")
-            return
-        }
-        let path = "\(configuration.backendRoot(kind: key.kind))/\(domid)/\(devid)"
+    private func check(_ vbd: VBDIdentity, atDirectory: Bool) {
+        let path = configuration.backendPath(vbd)
         do {
-            if let device = devices[path] {
+            if let device = devices[vbd] {
                 if atDirectory, try context.store.directory(path) == nil { forget(device, .removed) }
                 return
             }
@@ -230,8 +229,8 @@ public final class BackendManager: @unchecked Sendable {
             // across a daemon restart. A device we unregistered (online=0, or its frontend
             // gone) stays Closed and is not probed again.
             let state = XenbusState(node: try context.store.read(path + "/state"))
-            let online = try context.store.read(path + "/online").flatMap { Int($0.trimmingCharacters(in: .whitespaces)) } ?? 0 != 0
-            if state == .closing, !online, !draining.contains(where: { $0.backendPath == path }) {
+            let online = XenbusValue.flag(try context.store.read(path + "/online"), default: false)
+            if state == .closing, !online, !draining.contains(where: { $0.identity == vbd }) {
                 answerClosingOfUnservedDevice(path)
                 return
             }
@@ -243,8 +242,8 @@ public final class BackendManager: @unchecked Sendable {
             default:
                 return
             }
-            let device = VBD(kind: key.kind, domid: domid, devid: devid, context: context)
-            devices[path] = device
+            let device = VBD(vbd, context: context)
+            devices[vbd] = device
             device.probe()
         } catch {
             logger.warning("checking \(path) failed: \(error)")
@@ -268,7 +267,7 @@ public final class BackendManager: @unchecked Sendable {
     }
 
     private func forget(_ device: VBD, _ reason: VBD.StopReason) {
-        devices[device.backendPath] = nil
+        devices[device.identity] = nil
         if let busy = device.stop(reason) { draining.append(busy) }
     }
 
@@ -278,10 +277,7 @@ public final class BackendManager: @unchecked Sendable {
             return commands
         }
         for pending in batch {
-            let candidates = configuration.kinds.filter { pending.kind == nil || pending.kind == $0 }
-            guard let device = candidates.lazy.compactMap({ kind in
-                self.devices["\(self.configuration.backendRoot(kind: kind))/\(pending.domid)/\(pending.devid)"]
-            }).first else {
+            guard let device = pending.selector.pick(devices.values, identity: \.identity) else {
                 pending.answer(.failure(.unknownDevice))
                 continue
             }
@@ -300,9 +296,7 @@ public final class BackendManager: @unchecked Sendable {
     }
 
     private func publish() {
-        let snapshots = devices.values.map { ($0.snapshot, $0.connectedRings) }.sorted {
-            ($0.0.kind, $0.0.domid, $0.0.devid) < ($1.0.kind, $1.0.domid, $1.0.devid)
-        }
+        let snapshots = devices.values.sorted { $0.identity < $1.identity }.map { ($0.snapshot, $0.connectedRings) }
         lock.withLock { published = snapshots }
     }
 

@@ -16,6 +16,37 @@ public enum VBDStateCommand: String, Sendable, CaseIterable {
     case reconnect
 }
 
+/// Which VBD an operator means: its domid and devid, and its kind when more than one is
+/// served. Parsed once from the API path; the API and the control plane resolve it by the
+/// same rule (`pick`).
+public struct VBDSelector: Sendable, Equatable, CustomStringConvertible {
+    public let domid: DomainID
+    public let devid: UInt32
+    /// nil: any kind; the first in (kind, domid, devid) order wins.
+    public let kind: String?
+
+    public init(domid: DomainID, devid: UInt32, kind: String? = nil) {
+        self.domid = domid
+        self.devid = devid
+        self.kind = kind
+    }
+
+    public func matches(_ identity: VBDIdentity) -> Bool {
+        identity.domid == domid && identity.devid == devid && (kind == nil || identity.kind == kind)
+    }
+
+    /// The first of `items` (by identity order) this selector means.
+    public func pick<Item>(_ items: some Sequence<Item>, identity: (Item) -> VBDIdentity) -> Item? {
+        items.filter { matches(identity($0)) }.min { identity($0) < identity($1) }
+    }
+
+    /// The kind is client text: shown sanitized.
+    public var description: String { "\(domid)/\(devid)" + (kind.map { " of kind \(XenbusValue.sanitized($0))" } ?? "") }
+
+    /// The one line for a VBD that is not served.
+    public var notFound: String { "no VBD \(self); GET /v1/vbds lists them" }
+}
+
 /// Why a command was not carried out.
 public enum VBDCommandError: Error, Equatable, Sendable, CustomStringConvertible {
     /// No VBD with that domid/devid (and kind) is served.
@@ -36,18 +67,14 @@ public enum VBDCommandError: Error, Equatable, Sendable, CustomStringConvertible
 /// A command on its way to the control-plane thread and its answer on the way back.
 final class PendingCommand: @unchecked Sendable {
     let command: VBDStateCommand
-    let domid: UInt32
-    let devid: UInt32
-    let kind: String?
+    let selector: VBDSelector
     private let answered = DispatchSemaphore(value: 0)
     private let lock = NSLock()
     private var result: Result<VBDSnapshot, VBDCommandError>?
 
-    init(_ command: VBDStateCommand, domid: UInt32, devid: UInt32, kind: String?) {
+    init(_ command: VBDStateCommand, selector: VBDSelector) {
         self.command = command
-        self.domid = domid
-        self.devid = devid
-        self.kind = kind
+        self.selector = selector
     }
 
     /// The first answer wins (a late one after a timeout is dropped).

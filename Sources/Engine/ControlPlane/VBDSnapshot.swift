@@ -1,6 +1,6 @@
-import Blkif
 import VBDInterface
 import Xenbus
+
 /// The vdisk `info` bits of blkif.h.
 public struct VDiskInfo: OptionSet, Sendable, Hashable {
     public let rawValue: UInt32
@@ -13,11 +13,7 @@ public struct VDiskInfo: OptionSet, Sendable, Hashable {
 
 /// A consistent copy of one VBD's state, for the HTTP API and metrics.
 public struct VBDSnapshot: Sendable, Equatable {
-    public var kind: String
-    /// The frontend's domain.
-    public var domid: UInt32
-    /// The virtual device number.
-    public var devid: UInt32
+    public var identity: VBDIdentity
     public var backendPath: String
     /// Empty until the backend's `frontend` key has been read.
     public var frontendPath: String
@@ -43,4 +39,10 @@ public struct VBDSnapshot: Sendable, Equatable {
     public var statistics: VBDStatistics?
     /// The last xenbus_dev_fatal line ("<errno> <message>"), if any.
     public var error: String?
+
+    public var kind: String { identity.kind }
+    /// The frontend's domain.
+    public var domid: UInt32 { identity.domid.rawValue }
+    /// The virtual device number.
+    public var devid: UInt32 { identity.devid }
 }

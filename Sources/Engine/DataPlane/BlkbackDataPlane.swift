@@ -21,13 +21,13 @@ public final class BlkbackDataPlane: DataPlane {
     /// xen_blkif_map for every queue, then the xenblkd threads. All or nothing.
     public func connect(_ request: DataPlaneRequest) throws -> any ConnectedRings {
         var logger = self.logger
-        logger[metadataKey: "vbd"] = "\(request.kind)/\(request.domid)/\(request.devid)"
+        logger[metadataKey: "vbd"] = "\(request.vbd)"
         let store = request.backingStore
         let io = try IODescriptor(store: store, allowDirect: services.grants.unmapIsSynchronousAfterDirectIO)
         let features = Self.features(of: store, io: io, discardEnabled: request.discardEnabled)
         let maxIndirect = min(max(request.maxIndirectSegments, 0), Blkif.maxIndirectSegments)
         let device = DeviceContext(
-            domid: request.domid, descriptor: io.descriptor,
+            domid: request.vbd.domid.rawValue, descriptor: io.descriptor,
             limits: BlkifRequestLimits(sectors: store.sectors, readOnly: store.readOnly, maxIndirectSegments: maxIndirect),
             features: features, sectorsPerBlock: UInt64(max(store.logicalSectorSize, 512) / 512))
 
@@ -42,7 +42,7 @@ public final class BlkbackDataPlane: DataPlane {
         }
         for worker in workers {
             // As Linux names them: blkback.<domid>.<device>-<queue>.
-            worker.start(name: "blkback.\(request.domid).\(request.devid)-\(worker.queue)")
+            worker.start(name: "blkback.\(request.vbd.domid).\(request.vbd.devid)-\(worker.queue)")
         }
         logger.info("""
             serving \(workers.count) ring(s) on \(store.path) (\(io.direct ? "direct I/O" : "buffered I/O"); \
@@ -57,7 +57,7 @@ public final class BlkbackDataPlane: DataPlane {
                             device: DeviceContext, logger: Logger) throws -> RingWorker {
         let ringMapping: GrantMapping
         do {
-            ringMapping = try services.grants.map(domain: request.domid, refs: description.ringRefs, writable: true)
+            ringMapping = try services.grants.map(domain: request.vbd.domid.rawValue, refs: description.ringRefs, writable: true)
         } catch {
             throw DataPlaneError("mapping ring of queue \(queue) (refs \(description.ringRefs)): \(error)")
         }
@@ -65,7 +65,7 @@ public final class BlkbackDataPlane: DataPlane {
         let port: UInt32
         do {
             eventChannels = try services.openEventChannels()
-            port = try eventChannels.bindInterdomain(remoteDomain: request.domid, remotePort: description.eventChannel)
+            port = try eventChannels.bindInterdomain(remoteDomain: request.vbd.domid.rawValue, remotePort: description.eventChannel)
         } catch {
             try? ringMapping.unmap()
             throw DataPlaneError("binding event channel \(description.eventChannel) of queue \(queue): \(error)")

@@ -14,11 +14,6 @@ public protocol GrantMapper: AnyObject, Sendable {
     var unmapIsSynchronousAfterDirectIO: Bool { get }
 }
 
-extension GrantMapper {
-    /// Releases a mapping (same as `mapping.unmap()`).
-    public func unmap(_ mapping: GrantMapping) throws { try mapping.unmap() }
-}
-
 /// Granted pages mapped into this process. Owns the mapping: `unmap()` releases it once
 /// (later calls do nothing); a mapping dropped without `unmap()` is released by deinit so the
 /// grant does not stay pinned forever. A read-only mapping must only be read.
@@ -52,7 +47,6 @@ public final class GrantMapping: @unchecked Sendable {
         return base + index * GrantMapping.pageSize
     }
 
-    public var isMapped: Bool { release.withLock { $0 != nil } }
 
     public func unmap() throws {
         let action = release.withLock { slot -> (@Sendable (UnsafeMutableRawPointer) throws -> Void)? in

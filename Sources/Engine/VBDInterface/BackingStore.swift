@@ -1,6 +1,7 @@
 import Blkif
 import Foundation
 import Glibc
+import Xenbus
 
 /// A block device number as physical-device spells it: hex "major:minor" (e.g. "fe:10").
 public struct DeviceNumber: Hashable, Sendable, CustomStringConvertible {
@@ -75,7 +76,7 @@ public enum BackingSource: Hashable, Sendable, CustomStringConvertible {
 }
 
 /// Why a backing store could not be opened: errno plus one line.
-public struct BackingStoreError: Error, Equatable, Sendable, CustomStringConvertible {
+public struct BackingStoreError: ErrnoCarrying, Equatable, Sendable {
     public var errno: Int32
     public var message: String
 

@@ -29,22 +29,16 @@ public struct BlockFeatures: Equatable, Sendable {
 
 /// Everything the data plane needs to serve one VBD's rings.
 public struct DataPlaneRequest: Sendable {
-    public var kind: String
-    /// The frontend's domain (whose grants and event channels the rings use).
-    public var domid: UInt32
-    /// The virtual device number (the frontend directory's name; blkif `handle`).
-    public var devid: UInt32
+    public var vbd: VBDIdentity
     public var backingStore: BackingStore
     public var rings: RingDescription
     public var maxIndirectSegments: Int
     /// The backend's discard-enable (0 = the toolstack forbids discard).
     public var discardEnabled: Bool
 
-    public init(kind: String, domid: UInt32, devid: UInt32, backingStore: BackingStore,
-                rings: RingDescription, maxIndirectSegments: Int, discardEnabled: Bool) {
-        self.kind = kind
-        self.domid = domid
-        self.devid = devid
+    public init(vbd: VBDIdentity, backingStore: BackingStore, rings: RingDescription, maxIndirectSegments: Int,
+                discardEnabled: Bool) {
+        self.vbd = vbd
         self.backingStore = backingStore
         self.rings = rings
         self.maxIndirectSegments = maxIndirectSegments

@@ -7,7 +7,6 @@ public struct XenStoreError: Error, CustomStringConvertible, Sendable {
     public let path: String
     public let errno: Int32
 
-    public var isNotFound: Bool { errno == ENOENT }
     public var isConflict: Bool { errno == EAGAIN }
 
     public var description: String {

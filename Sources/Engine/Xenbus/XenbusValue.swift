@@ -12,6 +12,19 @@ public enum XenbusValue {
         return UInt64(trimmed)
     }
 
+    /// A number as it names a directory in a path (`backend/vbd/<domid>/<devid>`, the API's
+    /// `/v1/vbds/<domid>/<devid>`): canonical decimal, so one device has one name.
+    public static func pathNumber(_ text: some StringProtocol) -> UInt32? {
+        guard let number = UInt32(text), String(number) == text else { return nil }
+        return number
+    }
+
+    /// A xenbus flag ("online", "discard-enable"): a number, non-zero is true; `fallback`
+    /// when missing or not a number, as xenbus_read_unsigned reads it.
+    public static func flag(_ text: String?, default fallback: Bool) -> Bool {
+        text.flatMap(unsigned).map { $0 != 0 } ?? fallback
+    }
+
     /// Guest text for a log or error node: printable ASCII, bounded.
     public static func sanitized(_ text: String) -> String {
         String(String.UnicodeScalarView(text.unicodeScalars.prefix(64).map {

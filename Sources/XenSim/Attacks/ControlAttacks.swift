@@ -20,9 +20,7 @@ extension AttackSession {
     func publishRing(ringRef: String, eventChannel: String, extra: [(String, String)] = []) throws {
         let path = device.frontendPath
         try store.transaction { tx in
-            for name in try store.directory(path, transaction: tx) ?? []
-            where name.hasPrefix("ring-ref") || name.hasPrefix("queue-") || name == "ring-page-order"
-                || name == "multi-queue-num-queues" || name == "event-channel" {
+            for name in try store.directory(path, transaction: tx) ?? [] where RingDescription.isRingKey(name) {
                 try store.remove("\(path)/\(name)", transaction: tx)
             }
             try store.write("\(path)/ring-ref", ringRef, transaction: tx)

@@ -49,7 +49,7 @@ extension AttackSession {
 }
 
 /// A domain that is neither the backend nor the guest: grants for it are no grants for the backend.
-let strangerDomain: UInt32 = 0x7FEF
+let strangerDomain: UInt32 = DomainID.largest.rawValue
 
 extension Attack {
     static let readIntoReadOnlyGrant = Attack(

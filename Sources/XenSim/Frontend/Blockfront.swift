@@ -213,24 +213,14 @@ public final class Blockfront {
             queues.append(try BlockfrontQueue(index: index, pageOrder: order, protocol: options.protocol,
                                               backend: backendId, pages: pages, eventChannels: eventChannels))
         }
-        var keys: [(String, String)] = []
-        if order > 0 { keys.append(("ring-page-order", "\(order)")) }
-        if queueCount == 1 {
-            keys += queues[0].keys(prefix: "", multiPage: order > 0)
-        } else {
-            keys.append(("multi-queue-num-queues", "\(queueCount)"))
-            for queue in queues { keys += queue.keys(prefix: "queue-\(queue.index)/", multiPage: order > 0) }
-        }
-        keys.append(("protocol", options.protocol.xenstoreValue))
-        keys.append(("feature-persistent", "0"))
+        let description = RingDescription(protocol: options.protocol, ringPageOrder: order,
+                                          queues: queues.map(\.ringQueue), persistentGrants: false)
         try store.transaction { tx in
             // Keys of an earlier session with another shape would mislead the backend.
-            for name in try store.directory(frontendPath, transaction: tx) ?? []
-            where name.hasPrefix("ring-ref") || name.hasPrefix("queue-") || name == "ring-page-order"
-                || name == "multi-queue-num-queues" || name == "event-channel" {
+            for name in try store.directory(frontendPath, transaction: tx) ?? [] where RingDescription.isRingKey(name) {
                 try store.remove("\(frontendPath)/\(name)", transaction: tx)
             }
-            for (key, value) in keys { try store.write("\(frontendPath)/\(key)", value, transaction: tx) }
+            for (key, value) in description.keys { try store.write("\(frontendPath)/\(key)", value, transaction: tx) }
         }
         try switchState(.initialised)
     }

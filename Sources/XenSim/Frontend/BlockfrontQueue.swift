@@ -34,16 +34,6 @@ final class BlockfrontQueue {
         pages.release(ringPages)
     }
 
-    /// The xenstore keys for this queue, relative to the frontend dir (`prefix` "" for a
-    /// single queue, "queue-N/" otherwise): ring-ref or ring-ref0..N, event-channel.
-    func keys(prefix: String, multiPage: Bool) -> [(String, String)] {
-        var keys: [(String, String)] = []
-        if multiPage {
-            for (i, page) in ringPages.enumerated() { keys.append(("\(prefix)ring-ref\(i)", "\(page.ref)")) }
-        } else {
-            keys.append(("\(prefix)ring-ref", "\(ringPages[0].ref)"))
-        }
-        keys.append(("\(prefix)event-channel", "\(port)"))
-        return keys
-    }
+    /// This queue as a ring description names it: its ring pages' refs and its event channel.
+    var ringQueue: RingQueue { RingQueue(ringRefs: ringPages.map(\.ref), eventChannel: port) }
 }

@@ -35,12 +35,9 @@ public enum SimDomainError: Error, CustomStringConvertible, Sendable, Equatable 
 /// Creating and destroying a simulated domain's hypervisor state: its memory file (all RAM,
 /// sparse), its grant table and the hypervisor-private pin counts (see SimLayout).
 public enum SimDomain {
-    /// Xen's DOMID_FIRST_RESERVED: domids from 0x7FF0 on are special.
-    public static let maxDomid: UInt32 = 0x7FEF
-
     /// Creates DIR/domains/<domid>/ complete or not at all (built aside, then renamed in).
     public static func createDomain(directory: String, domid: UInt32, memoryMB: Int) throws {
-        guard domid >= 1 && domid <= maxDomid else { throw SimDomainError.invalidDomid(domid) }
+        guard domid >= 1, DomainID(rawValue: domid) != nil else { throw SimDomainError.invalidDomid(domid) }
         guard memoryMB >= 1 && memoryMB <= 1 << 20 else { throw SimDomainError.invalidMemory(megabytes: memoryMB) }
         let layout = SimLayout(directory: directory)
         try makeDirectory(directory)

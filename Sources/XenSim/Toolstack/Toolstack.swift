@@ -69,7 +69,7 @@ public struct Toolstack {
     /// by N), and introduces it to xenstored, which fires @introduceDomain and opens the
     /// domain's own xenstore and event-channel sockets.
     public func createDomain(_ domid: UInt32, name: String, memoryMB: Int) throws {
-        guard domid != 0, domid <= SimDomain.maxDomid else { throw Failure("domid \(domid) is not a guest domain id (1..\(SimDomain.maxDomid))") }
+        guard domid != 0, DomainID(rawValue: domid) != nil else { throw Failure("domid \(domid) is not a guest domain id (1..\(DomainID.largest))") }
         if store.isDomainIntroduced(domid) { throw Failure("domain \(domid) already exists; destroy it first") }
         do {
             try SimDomain.createDomain(directory: hypervisor.directory, domid: domid, memoryMB: memoryMB)

@@ -1,0 +1,111 @@
+import Blkif
+import Foundation
+import Glibc
+import VBDInterface
+import Xenbus
+
+/// The frontend's states (frontend_changed) and connecting (connect_ring, connect).
+extension VBD {
+    func frontendStateChanged() -> Outcome {
+        do {
+            let reading = FrontendStateReading(node: try store.read(frontendPath + "/state"))
+            if reading != frontendState {
+                logger.info("frontend \(frontendState) → \(reading) (backend \(backendState))")
+            } else if reading.state == .closed, backendState == .initWait {
+                // A frontend that was already Closed when we offered the device (a guest
+                // waiting across a daemon restart) is not a new close: keep offering it;
+                // blkfront connects from Closed when it sees InitWait.
+                return .keep
+            }
+            frontendState = reading
+            let actions = frontendChanged(backend: backendState, frontend: reading, online: try isOnline())
+            for action in actions {
+                switch action {
+                case .switchState(let state):
+                    try switchState(state)
+                case .disconnect:
+                    // Connecting over rings still in use would leak them (XSA-350).
+                    if !disconnect(), actions.contains(.connect) {
+                        fatal(EBUSY, "pending I/O")
+                        return .keep
+                    }
+                case .connect:
+                    connectRing()
+                case .unregister:
+                    return .unregister
+                case .fatal(let errno, let message):
+                    fatal(errno, message)
+                }
+            }
+        } catch {
+            logger.warning("handling the frontend state failed: \(error)")
+        }
+        return .keep
+    }
+
+    /// connect_ring: read and validate the frontend's ring description.
+    private func connectRing() {
+        do {
+            let description = try RingDescription.read(limits: context.configuration.ringLimits) { key in
+                try store.read(frontendPath + "/" + key)
+            }
+            rings.description = description
+            logger.info("using \(description.queues.count) queues, protocol \(description.protocol), ring page order \(description.ringPageOrder)")
+            tryConnect()
+        } catch {
+            fatal(error, during: "reading the ring description")
+        }
+    }
+
+    /// xen_update_blkif_status: connect once both the rings and the backing store are there.
+    func tryConnect() {
+        guard backendState != .connected, let description = rings.description, let backingStore = disk.store else { return }
+        guard let dataPlane = context.dataPlane else {
+            logger.info("data plane not available; staying in InitWait")
+            return
+        }
+        let request = DataPlaneRequest(vbd: identity, backingStore: backingStore, rings: description,
+                                       maxIndirectSegments: context.configuration.maxIndirectSegments,
+                                       discardEnabled: XenbusValue.flag(try? backend("discard-enable"), default: true))
+        let connected: any ConnectedRings
+        do {
+            connected = try dataPlane.connect(request)
+        } catch {
+            fatal(EIO, "mapping rings: \(error)")
+            return
+        }
+        rings.connection = connected
+        rings.features = connected.features
+        do {
+            try publishDisk(backingStore, features: connected.features)
+            try switchState(.connected)
+        } catch {
+            fatal(error, during: "publishing the disk", fallback: EIO)
+            _ = disconnect()
+        }
+    }
+
+    /// connect(): what the frontend needs to know about the disk, in one transaction.
+    private func publishDisk(_ backingStore: BackingStore, features: BlockFeatures) throws {
+        var keys: [(String, String)] = [
+            ("feature-flush-cache", features.flush ? "1" : "0"),
+            ("feature-barrier", features.barrier ? "1" : "0"),
+            ("feature-discard", features.discard ? "1" : "0"),
+            // Only what the data plane really does, whatever the configuration offers.
+            ("feature-persistent", features.persistentGrants ? "1" : "0"),
+            ("sectors", "\(backingStore.sectors)"),
+            ("info", "\(disk.info.rawValue)"),
+            ("sector-size", "\(backingStore.logicalSectorSize)"),
+            ("physical-sector-size", "\(backingStore.physicalSectorSize)"),
+        ]
+        if features.discard {
+            keys += [("discard-granularity", "\(features.discardGranularity)"),
+                     ("discard-alignment", "\(features.discardAlignment)"),
+                     ("discard-secure", features.discardSecure ? "1" : "0")]
+        }
+        try store.transaction { transaction in
+            guard try store.read(backendPath + "/state", transaction: transaction) != nil else { return }
+            for (key, value) in keys { try store.write(backendPath + "/" + key, value, transaction: transaction) }
+        }
+    }
+}

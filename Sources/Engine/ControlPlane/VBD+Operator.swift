@@ -1,0 +1,64 @@
+import Foundation
+import Xenbus
+
+/// An operator's state commands (POST …/state).
+extension VBD {
+    /// Carries out `command` (see VBDStateCommand). Throws `.conflict` with one line when the
+    /// current state forbids it; nothing changes then.
+    func perform(_ command: VBDStateCommand) throws(VBDCommandError) {
+        do {
+            switch command {
+            case .closing: try close()
+            case .closed: try closeNow()
+            case .reconnect: try offerAgain()
+            }
+        } catch let error as VBDCommandError {
+            throw error
+        } catch {
+            logger.warning("operator \(command) failed: \(error)")
+            throw VBDCommandError.conflict("\(command) on \(nodename) failed: \(error)")
+        }
+    }
+
+    private func close() throws {
+        guard [.initWait, .initialised, .connected].contains(backendState) else {
+            throw VBDCommandError.conflict("backend of \(nodename) is \(backendState); closing applies to InitWait, Initialised or Connected")
+        }
+        // The frontend's Closed then reaches frontendChanged: disconnect, Closed.
+        try switchState(.closing)
+        logger.info("operator: closing")
+    }
+
+    private func closeNow() throws {
+        guard backendState != .closed else {
+            throw VBDCommandError.conflict("backend of \(nodename) is already Closed")
+        }
+        // Busy rings are released by the manager's drain retries.
+        _ = disconnect()
+        try switchState(.closed)
+        logger.info("operator: closed")
+    }
+
+    private func offerAgain() throws {
+        guard try isOnline() else {
+            throw VBDCommandError.conflict("\(nodename) is being removed (online=0); it cannot reconnect")
+        }
+        guard backendState == .closed || backendState == .closing else {
+            throw VBDCommandError.conflict("backend of \(nodename) is \(backendState); reconnect applies to a Closed or Closing device")
+        }
+        guard rings.connection == nil, !rings.disconnectPending else {
+            throw VBDCommandError.conflict("\(nodename) still has I/O in flight on its rings; retry once it drained")
+        }
+        // A frontend still holding its session would answer our InitWait with a late Closed
+        // and close the device again.
+        let frontend = FrontendStateReading(node: try store.read(frontendPath + "/state"))
+        guard let state = frontend.state, [.initialising, .initWait, .closed].contains(state) else {
+            throw VBDCommandError.conflict("frontend of \(nodename) is \(frontend); reconnect once it has closed")
+        }
+        frontendState = frontend
+        rings.description = nil
+        lastError = nil
+        try switchState(.initWait)
+        logger.info("operator: reconnect; waiting for the frontend")
+    }
+}

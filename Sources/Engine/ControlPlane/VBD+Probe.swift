@@ -1,0 +1,120 @@
+import Foundation
+import Glibc
+import VBDInterface
+import Xenbus
+
+/// Probe (xen_blkbk_probe plus xenbus's talk_to_otherend) and the backing store
+/// (backend_changed).
+extension VBD {
+    /// Reads the toolstack's keys, advertises our limits, opens a params file when no
+    /// hotplug script will run, switches to InitWait and starts watching.
+    func probe() {
+        do {
+            try readOtherEnd()
+            try publishProbeFeatures()
+            try watch(backendPath + "/physical-device", .physicalDevice(identity))
+            disk.mode = AccessMode(xenstore: try backend("mode") ?? "")
+            // No hotplug script will write physical-device: open params now, so a missing
+            // file is reported before InitWait and the toolstack's wait fails fast.
+            if try backend("script") == nil, try backend("physical-device") == nil, let params = try backend("params") {
+                disk.requestedTarget = params
+                let source: BackingSource
+                do { source = try BackingSource.params(params) } catch {
+                    throw XenbusFailure(errno: error.errno, message: "creating vbd structure: \(error.message)")
+                }
+                guard openBackingStore(source) else { return }
+            }
+            // What the frontend says now, before the watch fires with it (see frontendStateChanged).
+            frontendState = FrontendStateReading(node: try store.read(frontendPath + "/state"))
+            try switchState(.initWait)
+            try watch(frontendPath + "/state", .frontendState(identity))
+            logger.info("probed: frontend \(frontendPath), waiting for the frontend\(disk.store == nil ? " and physical-device" : "")")
+        } catch {
+            fatal(error, during: "probing")
+        }
+    }
+
+    /// read_otherend_details: `frontend` must name an existing directory and `frontend-id`
+    /// must be the domain in our path.
+    private func readOtherEnd() throws {
+        let frontend = try backend("frontend") ?? ""
+        let frontendID = try backend("frontend-id").flatMap(XenbusValue.unsigned)
+        guard frontend.hasPrefix("/"), frontend.utf8.count < 3072, try store.directory(frontend) != nil else {
+            throw XenbusFailure(errno: ENOENT, message: "unable to read other end from \(nodename).  missing or inaccessible.")
+        }
+        guard frontendID == UInt64(identity.domid.rawValue) else {
+            throw XenbusFailure(errno: EINVAL, message: "frontend-id \(frontendID.map(String.init) ?? "missing") does not match domain \(identity.domid) of \(nodename)")
+        }
+        frontendPath = frontend
+    }
+
+    private func publishProbeFeatures() throws {
+        let configuration = context.configuration
+        try store.transaction { transaction in
+            // A directory the toolstack removed meanwhile is not recreated.
+            guard try store.read(backendPath + "/state", transaction: transaction) != nil else { return }
+            if configuration.maxIndirectSegments > 0 {
+                try store.write(backendPath + "/feature-max-indirect-segments", "\(configuration.maxIndirectSegments)", transaction: transaction)
+            }
+            try store.write(backendPath + "/multi-queue-max-queues", "\(configuration.maxQueues)", transaction: transaction)
+            try store.write(backendPath + "/max-ring-page-order", "\(configuration.maxRingPageOrder)", transaction: transaction)
+        }
+    }
+
+    private func watch(_ path: String, _ token: WatchToken) throws {
+        try store.watch(path, token: token.text)
+        watches.append((path, token))
+    }
+
+    /// physical-device was written (or the watch fired at registration).
+    func physicalDeviceChanged() {
+        do {
+            // Missing: the watch fired at registration before the hotplug script ran.
+            guard let value = try backend("physical-device") else { return }
+            guard let number = DeviceNumber(physicalDevice: value) else {
+                fatal(EINVAL, "reading physical-device: '\(XenbusValue.sanitized(value))' is not major:minor")
+                return
+            }
+            if let open = disk.store {
+                if open.deviceNumber != number {
+                    logger.warning("changing physical device (from \(open.deviceNumber?.description ?? open.path) to \(number)) not supported")
+                }
+                return
+            }
+            guard let mode = try backend("mode") else {
+                fatal(ENOENT, "reading mode")
+                return
+            }
+            disk.mode = AccessMode(xenstore: mode)
+            disk.requestedTarget = "physical-device \(number)"
+            guard openBackingStore(.device(number, pathHint: try backend("physical-device-path"))) else { return }
+            tryConnect()
+        } catch {
+            logger.warning("reading physical-device failed: \(error)")
+        }
+    }
+
+    /// Opens the store with the access `mode` grants; a failure is fatal for this device only.
+    private func openBackingStore(_ source: BackingSource) -> Bool {
+        do {
+            let opened = try BackingStore.open(source, readOnly: disk.mode != .write)
+            disk.store = opened
+            disk.info = try vdiskInfo(readOnly: opened.readOnly)
+            logger.info("opened \(opened.path) (\(opened.sectors) sectors of 512 bytes, sector size \(opened.logicalSectorSize), \(opened.readOnly ? "read-only" : "read-write"))")
+            return true
+        } catch {
+            fatal(error, during: "creating vbd structure", fallback: EIO)
+        }
+        return false
+    }
+
+    /// device-type=cdrom (the kernel reads the frontend's; libxl writes it on both sides),
+    /// removable=1, read-only mode.
+    private func vdiskInfo(readOnly: Bool) throws -> VDiskInfo {
+        var info: VDiskInfo = readOnly ? .readOnly : []
+        let frontendType = frontendPath.isEmpty ? nil : try store.read(frontendPath + "/device-type")
+        if try backend("device-type") == "cdrom" || frontendType == "cdrom" { info.insert(.cdrom) }
+        if XenbusValue.flag(try backend("removable"), default: false) { info.insert(.removable) }
+        return info
+    }
+}

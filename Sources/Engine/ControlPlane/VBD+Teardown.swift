@@ -1,0 +1,74 @@
+import VBDInterface
+
+/// Releasing the rings (xen_blkif_disconnect) and forgetting the device (xen_blkbk_remove).
+extension VBD {
+    /// xen_blkif_disconnect: true when nothing is mapped any more.
+    func disconnect() -> Bool {
+        rings.description = nil
+        guard let connection = rings.connection else {
+            rings.disconnectPending = false
+            return true
+        }
+        if connection.disconnect() {
+            rings.connection = nil
+            rings.features = .none
+            rings.disconnectPending = false
+            return true
+        }
+        logger.info("requests still in flight; disconnecting later")
+        rings.disconnectPending = true
+        return false
+    }
+
+    func retryDisconnect() { _ = disconnect() }
+
+    enum StopReason { case removed, unregistered, shutdown }
+
+    /// Rings that still had requests in flight when the device stopped, and what to do once
+    /// they are released.
+    struct PendingRelease {
+        let identity: VBDIdentity
+        let rings: any ConnectedRings
+        let afterwards: () -> Void
+
+        /// True (and `afterwards` done) once the rings are released.
+        func retry() -> Bool {
+            guard rings.disconnect() else { return false }
+            afterwards()
+            return true
+        }
+    }
+
+    /// xen_blkbk_remove: stop watching and serving, close the backing store. After
+    /// `unregistered` the backend is left Closed like xenbus_dev_remove leaves it; a removed
+    /// directory gets no writes; at daemon shutdown only connected devices are closed, the
+    /// others stay for the next instance to adopt. Closed is written only once the rings are
+    /// released (xen_blkif_disconnect comes first), so a frontend that sees Closed can take
+    /// its grants back; rings still busy are returned for the caller to drain.
+    func stop(_ reason: StopReason) -> PendingRelease? {
+        let wasConnected = backendState == .connected
+        for (path, token) in watches { try? store.unwatch(path, token: token.text) }
+        watches.removeAll()
+        let busy = disconnect() ? nil : rings.connection
+        rings.connection = nil
+        disk.store = nil
+        let afterwards: () -> Void
+        switch reason {
+        case .removed:
+            logger.info("backend directory removed; device forgotten")
+            afterwards = {}
+        case .unregistered:
+            afterwards = { [self] in
+                try? switchState(.closed)
+                logger.info("device unregistered")
+            }
+        case .shutdown:
+            afterwards = { [self] in if wasConnected { try? switchState(.closed) } }
+        }
+        guard let busy else {
+            afterwards()
+            return nil
+        }
+        return PendingRelease(identity: identity, rings: busy, afterwards: afterwards)
+    }
+}
