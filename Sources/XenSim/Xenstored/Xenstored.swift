@@ -44,6 +44,9 @@ public final class Xenstored {
         let token: String
         /// Relative watches report event paths without "/local/domain/N/".
         let prefixLength: Int
+
+        /// A connection's watches are told apart by path and token.
+        func isSame(as other: Watch) -> Bool { path == other.path && token == other.token }
     }
 
     private final class Client {
@@ -110,7 +113,7 @@ public final class Xenstored {
         var after: [Delivery] = []
         let reply: WireMessage
         do {
-            let (type, payload) = try dispatch(message, client, after: &after)
+            let (type, payload) = try dispatch(message, from: id, client, after: &after)
             reply = WireMessage(type, requestID: message.requestID, transactionID: message.transactionID, payload: payload)
         } catch {
             let errno = (error as? XenstoreErrno) ?? .eio
@@ -127,208 +130,331 @@ public final class Xenstored {
 
     private static let ok: [UInt8] = Array("OK".utf8) + [0]
 
-    private func dispatch(_ message: WireMessage, _ client: Client,
+    /// One request as its handler sees it: the store is read and written through `view`,
+    /// which is the request's transaction if it names one.
+    private struct Request {
+        let message: WireMessage
+        let connection: ConnectionID
+        let client: Client
+        let transaction: StoreTransaction?
+        let view: StoreView
+        var caller: XenstoreCaller { client.caller }
+    }
+
+    /// What all message types share (type check, privilege check, transaction lookup), then
+    /// the type's handler.
+    private func dispatch(_ message: WireMessage, from id: ConnectionID, _ client: Client,
                           after: inout [Delivery]) throws -> (XenstoreMessageType, [UInt8]) {
         guard let type = message.type, type != .watchEvent, type != .error else { throw XenstoreErrno.enosys }
-        let caller = client.caller
-        if Self.privilegedOnly.contains(type) && !caller.isPrivileged { throw XenstoreErrno.eacces }
+        if Self.privilegedOnly.contains(type) && !client.caller.isPrivileged { throw XenstoreErrno.eacces }
         var transaction: StoreTransaction?
         if type != .watch && type != .unwatch && message.transactionID != 0 {
             guard let open = client.transactions[message.transactionID] else { throw XenstoreErrno.enoent }
             transaction = open
         }
-        let view = StoreView(store: store, transaction: transaction)
-
+        let request = Request(message: message, connection: id, client: client, transaction: transaction,
+                              view: StoreView(store: store, transaction: transaction))
+        let payload: [UInt8]
         switch type {
-        case .read:
-            let path = try canonicalize(message.singleArgument, for: caller)
-            return (type, try lookup(path, need: .read, caller: caller, view: view).value)
-
-        case .directory:
-            let path = try canonicalize(message.singleArgument, for: caller)
-            let children = try lookup(path, need: .read, caller: caller, view: view).children
-            let payload = WireMessage.nulTerminated(children)
-            guard payload.count <= WireMessage.maxPayload else { throw XenstoreErrno.e2big }
-            return (type, payload)
-
-        case .directoryPart:
-            return (type, try directoryPart(message, caller: caller, view: view))
-
-        case .getPermissions:
-            let path = try canonicalize(message.singleArgument, for: caller, allowSpecial: true)
-            let node = try lookup(path, need: .read, caller: caller, view: view)
-            return (type, WireMessage.nulTerminated(node.permissions.map(\.description)))
-
-        case .write:
-            guard let nul = message.payload.firstIndex(of: 0) else { throw XenstoreErrno.einval }
-            let path = try canonicalize(Array(message.payload[..<nul]), for: caller)
-            let value = Array(message.payload[(nul + 1)...])
-            do {
-                let old = try lookup(path, need: .write, caller: caller, view: view)
-                var node = old
-                node.value = value
-                try checkSize(node, caller: caller)
-                view.write(path, node)
-                changed(path, exact: false, before: old, view: view)
-            } catch XenstoreErrno.enoent {
-                try create(path, value: value, caller: caller, view: view)
-                changed(path, exact: false, before: nil, view: view)
-            }
-            return (type, Self.ok)
-
-        case .mkdir:
-            let path = try canonicalize(message.singleArgument, for: caller)
-            do {
-                _ = try lookup(path, need: .write, caller: caller, view: view)
-            } catch XenstoreErrno.enoent {
-                try create(path, value: [], caller: caller, view: view)
-                changed(path, exact: false, before: nil, view: view)
-            }
-            return (type, Self.ok)
-
-        case .rm:
-            let path = try canonicalize(message.singleArgument, for: caller)
-            do {
-                _ = try lookup(path, need: .write, caller: caller, view: view)
-            } catch XenstoreErrno.enoent {
-                // Removing what is not there is fine, as long as its parent exists.
-                guard view.read(XenstorePath.parent(of: path)) != nil else { throw XenstoreErrno.enoent }
-                return (type, Self.ok)
-            }
-            guard path != "/" else { throw XenstoreErrno.einval }
-            remove(path, view: view)
-            return (type, Self.ok)
-
-        case .setPermissions:
-            try setPermissions(message, caller: caller, view: view)
-            return (type, Self.ok)
-
-        case .watch:
-            let strings = message.strings
-            guard strings.count == 2 else { throw XenstoreErrno.einval }
-            let (path, prefixLength) = try canonicalizeWatch(strings[0], for: caller)
-            let token = String(decoding: strings[1], as: UTF8.self)
-            if client.watches.contains(where: { $0.path == path && $0.token == token }) { throw XenstoreErrno.eexist }
-            if !caller.isPrivileged && client.watches.count >= limits.maxWatchesPerConnection {
-                throw XenstoreErrno.e2big
-            }
-            let watch = Watch(path: path, token: token, prefixLength: prefixLength)
-            client.watches.append(watch)
-            if let event = event(watch, path: path), let id = clients.first(where: { $0.value === client })?.key {
-                after.append(Delivery(connection: id, message: event))
-            }
-            return (type, Self.ok)
-
-        case .unwatch:
-            let strings = message.strings
-            guard strings.count == 2 else { throw XenstoreErrno.einval }
-            let (path, _) = try canonicalizeWatch(strings[0], for: caller)
-            let token = String(decoding: strings[1], as: UTF8.self)
-            guard let index = client.watches.firstIndex(where: { $0.path == path && $0.token == token }) else {
-                throw XenstoreErrno.enoent
-            }
-            client.watches.remove(at: index)
-            return (type, Self.ok)
-
-        case .resetWatches:
-            client.watches.removeAll()
-            client.transactions.removeAll()
-            return (type, Self.ok)
-
-        case .transactionStart:
-            // Transactions do not nest.
-            guard transaction == nil else { throw XenstoreErrno.ebusy }
-            if !caller.isPrivileged && client.transactions.count >= limits.maxTransactionsPerConnection {
-                throw XenstoreErrno.enospc
-            }
-            var id = client.nextTransactionID
-            while id == 0 || client.transactions[id] != nil { id &+= 1 }
-            client.nextTransactionID = id &+ 1
-            _ = store.nextGeneration()
-            client.transactions[id] = StoreTransaction(id: id)
-            return (type, Array("\(id)".utf8) + [0])
-
-        case .transactionEnd:
-            guard let argument = message.singleArgument, argument == [UInt8(ascii: "T")] || argument == [UInt8(ascii: "F")]
-            else { throw XenstoreErrno.einval }
-            guard let transaction else { throw XenstoreErrno.enoent }
-            client.transactions[transaction.id] = nil
-            if argument == [UInt8(ascii: "T")] {
-                try transaction.commit(to: store)
-                for event in transaction.events {
-                    fire(event.path, exact: event.exact, node: store.node(event.path) ?? event.before, before: event.before)
-                }
-            }
-            return (type, Self.ok)
-
-        case .getDomainPath:
-            guard let argument = message.singleArgument else { throw XenstoreErrno.einval }
-            return (type, Array("/local/domain/\(Self.leadingNumber(argument))".utf8) + [0])
-
-        case .introduce:
-            let strings = message.strings
-            guard strings.count >= 3, let domid = Self.domid(strings[0]),
-                  Self.number(strings[1]) != nil, Self.number(strings[2]) != nil else { throw XenstoreErrno.einval }
-            guard domid != 0 else { throw XenstoreErrno.einval }
-            if !introducedDomains.contains(domid) {
-                do { try onIntroduce(domid) } catch {
-                    logger.error("introduce dom\(domid): \(error)")
-                    throw XenstoreErrno.eio
-                }
-                introducedDomains.insert(domid)
-                logger.info("introduced dom\(domid)")
-                fire(Self.introduceDomainPath, exact: false, node: store.node(Self.introduceDomainPath), before: nil)
-            }
-            return (type, Self.ok)
-
-        case .release:
-            guard let argument = message.singleArgument, let domid = Self.domid(argument), domid != 0 else {
-                throw XenstoreErrno.einval
-            }
-            guard introducedDomains.remove(domid) != nil else { throw XenstoreErrno.enoent }
-            targets[domid] = nil
-            onRelease(domid)
-            logger.info("released dom\(domid)")
-            fire(Self.releaseDomainPath, exact: false, node: store.node(Self.releaseDomainPath), before: nil)
-            return (type, Self.ok)
-
-        case .isDomainIntroduced:
-            guard let argument = message.singleArgument, let domid = Self.domid(argument) else { throw XenstoreErrno.einval }
-            return (type, Array((domid == 0 || introducedDomains.contains(domid) ? "T" : "F").utf8) + [0])
-
-        case .resume:
-            guard let argument = message.singleArgument, let domid = Self.domid(argument) else { throw XenstoreErrno.einval }
-            guard introducedDomains.contains(domid) else { throw XenstoreErrno.enoent }
-            return (type, Self.ok)
-
-        case .setTarget:
-            let strings = message.strings
-            guard strings.count >= 2, let domid = Self.domid(strings[0]), let target = Self.domid(strings[1]) else {
-                throw XenstoreErrno.einval
-            }
-            guard introducedDomains.contains(domid), target == 0 || introducedDomains.contains(target) else {
-                throw XenstoreErrno.enoent
-            }
-            targets[domid] = target
-            return (type, Self.ok)
-
-        case .control:
-            let strings = message.strings.map { String(decoding: $0, as: UTF8.self) }
-            switch strings.first {
-            case "print":
-                logger.info("control print: \(strings.dropFirst().joined(separator: " "))")
-                return (type, Self.ok)
-            case "check":
-                return (type, Self.ok)
-            case "help":
-                return (type, Array("check\nprint <string>\nhelp\n".utf8) + [0])
-            default:
-                throw XenstoreErrno.einval
-            }
-
-        case .watchEvent, .error:
-            throw XenstoreErrno.enosys
+        case .read: payload = try doRead(request)
+        case .directory: payload = try doDirectory(request)
+        case .directoryPart: payload = try doDirectoryPart(request)
+        case .getPermissions: payload = try doGetPerms(request)
+        case .write: payload = try doWrite(request)
+        case .mkdir: payload = try doMkdir(request)
+        case .rm: payload = try doRm(request)
+        case .setPermissions: payload = try doSetPerms(request)
+        case .watch: payload = try doWatch(request, after: &after)
+        case .unwatch: payload = try doUnwatch(request)
+        case .resetWatches: payload = doResetWatches(request)
+        case .transactionStart: payload = try doTransactionStart(request)
+        case .transactionEnd: payload = try doTransactionEnd(request)
+        case .getDomainPath: payload = try doGetDomainPath(request)
+        case .introduce: payload = try doIntroduce(request)
+        case .release: payload = try doRelease(request)
+        case .isDomainIntroduced: payload = try doIsDomainIntroduced(request)
+        case .resume: payload = try doResume(request)
+        case .setTarget: payload = try doSetTarget(request)
+        case .control: payload = try doControl(request)
+        case .watchEvent, .error: throw XenstoreErrno.enosys
         }
+        return (type, payload)
+    }
+
+    // MARK: handlers, named after C xenstored's do_* functions
+
+    private func doRead(_ request: Request) throws -> [UInt8] {
+        try lookupArgument(request.message.singleArgument, need: .read, request).node.value
+    }
+
+    private func doDirectory(_ request: Request) throws -> [UInt8] {
+        let children = try lookupArgument(request.message.singleArgument, need: .read, request).node.children
+        let payload = WireMessage.nulTerminated(children)
+        guard payload.count <= WireMessage.maxPayload else { throw XenstoreErrno.e2big }
+        return payload
+    }
+
+    /// A slice of the child list, for lists too long for one DIRECTORY reply: the node's
+    /// generation, then whole names from the byte offset on, then an empty string at the end.
+    private func doDirectoryPart(_ request: Request) throws -> [UInt8] {
+        let strings = request.message.strings
+        guard strings.count == 2 else { throw XenstoreErrno.einval }
+        let node = try lookupArgument(strings[0], need: .read, request).node
+        let offset = Int(Self.leadingNumber(strings[1]))
+        let generation = Array("\(node.generation)".utf8) + [0]
+        let children = WireMessage.nulTerminated(node.children)
+        // Past the end: the generation and an empty string, which ends libxenstore's loop.
+        guard offset < children.count else { return generation + [0] }
+        let room = WireMessage.maxPayload - generation.count - 1
+        var length = 0
+        while true {
+            let nameLength = (children[(offset + length)...].firstIndex(of: 0) ?? children.count) - (offset + length)
+            guard length + nameLength < room else { break }
+            length += nameLength + 1
+            if offset + length >= children.count { break }
+        }
+        var payload = generation
+        payload.append(contentsOf: children[offset..<min(offset + length, children.count)])
+        if offset + length >= children.count { payload.append(0) }
+        return payload
+    }
+
+    private func doGetPerms(_ request: Request) throws -> [UInt8] {
+        let node = try lookupArgument(request.message.singleArgument, need: .read, request, allowSpecial: true).node
+        return WireMessage.nulTerminated(node.permissions.map(\.description))
+    }
+
+    private func doWrite(_ request: Request) throws -> [UInt8] {
+        let payload = request.message.payload
+        guard let nul = payload.firstIndex(of: 0) else { throw XenstoreErrno.einval }
+        let path = try canonicalize(Array(payload[..<nul]), for: request.caller)
+        let value = Array(payload[(nul + 1)...])
+        if let old = try writableNode(path, request) {
+            var node = old
+            node.value = value
+            try checkSize(node, caller: request.caller)
+            request.view.write(path, node)
+            changed(path, exact: false, before: old, view: request.view)
+        } else {
+            try create(path, value: value, caller: request.caller, view: request.view)
+            changed(path, exact: false, before: nil, view: request.view)
+        }
+        return Self.ok
+    }
+
+    private func doMkdir(_ request: Request) throws -> [UInt8] {
+        let path = try canonicalize(request.message.singleArgument, for: request.caller)
+        if try writableNode(path, request) == nil {
+            try create(path, value: [], caller: request.caller, view: request.view)
+            changed(path, exact: false, before: nil, view: request.view)
+        }
+        return Self.ok
+    }
+
+    private func doRm(_ request: Request) throws -> [UInt8] {
+        let path = try canonicalize(request.message.singleArgument, for: request.caller)
+        guard try writableNode(path, request) != nil else {
+            // Removing what is not there is fine, as long as its parent exists.
+            guard request.view.read(XenstorePath.parent(of: path)) != nil else { throw XenstoreErrno.enoent }
+            return Self.ok
+        }
+        guard path != "/" else { throw XenstoreErrno.einval }
+        remove(path, view: request.view)
+        return Self.ok
+    }
+
+    private func doSetPerms(_ request: Request) throws -> [UInt8] {
+        let caller = request.caller
+        let strings = request.message.strings
+        guard strings.count >= 2 else { throw XenstoreErrno.einval }
+        var permissions: [XenStorePermission] = []
+        for text in strings.dropFirst() {
+            guard let permission = XenStorePermission(String(decoding: text, as: UTF8.self)) else {
+                throw XenstoreErrno.einval
+            }
+            permissions.append(permission)
+        }
+        if !caller.isPrivileged && permissions.count > limits.maxPermissionsPerNode { throw XenstoreErrno.enospc }
+        let (path, old) = try lookupArgument(strings[0], need: [.write, .owner], request, allowSpecial: true)
+        // Guests may not give their nodes away.
+        if !caller.isPrivileged && permissions[0].domid != old.owner { throw XenstoreErrno.eperm }
+        var node = old
+        node.permissions = permissions
+        request.view.write(path, node)
+        changed(path, exact: false, before: old, view: request.view)
+        return Self.ok
+    }
+
+    /// Registers a watch; its first firing (for the watched path itself, as in xenstored)
+    /// goes into `after`, to be sent after the reply.
+    private func doWatch(_ request: Request, after: inout [Delivery]) throws -> [UInt8] {
+        let client = request.client
+        let watch = try watchArgument(request)
+        if client.watches.contains(where: { $0.isSame(as: watch) }) { throw XenstoreErrno.eexist }
+        if !request.caller.isPrivileged && client.watches.count >= limits.maxWatchesPerConnection {
+            throw XenstoreErrno.e2big
+        }
+        client.watches.append(watch)
+        if let event = event(watch, path: watch.path) {
+            after.append(Delivery(connection: request.connection, message: event))
+        }
+        return Self.ok
+    }
+
+    private func doUnwatch(_ request: Request) throws -> [UInt8] {
+        let watch = try watchArgument(request)
+        guard let index = request.client.watches.firstIndex(where: { $0.isSame(as: watch) }) else {
+            throw XenstoreErrno.enoent
+        }
+        request.client.watches.remove(at: index)
+        return Self.ok
+    }
+
+    private func doResetWatches(_ request: Request) -> [UInt8] {
+        request.client.watches.removeAll()
+        request.client.transactions.removeAll()
+        return Self.ok
+    }
+
+    private func doTransactionStart(_ request: Request) throws -> [UInt8] {
+        let client = request.client
+        // Transactions do not nest.
+        guard request.transaction == nil else { throw XenstoreErrno.ebusy }
+        if !request.caller.isPrivileged && client.transactions.count >= limits.maxTransactionsPerConnection {
+            throw XenstoreErrno.enospc
+        }
+        var id = client.nextTransactionID
+        while id == 0 || client.transactions[id] != nil { id &+= 1 }
+        client.nextTransactionID = id &+ 1
+        _ = store.nextGeneration()
+        client.transactions[id] = StoreTransaction(id: id)
+        return Array("\(id)".utf8) + [0]
+    }
+
+    /// "T" commits (EAGAIN on a conflict) and only then fires the transaction's watch events;
+    /// "F" discards it. Either way the transaction is gone.
+    private func doTransactionEnd(_ request: Request) throws -> [UInt8] {
+        guard let argument = request.message.singleArgument,
+              argument == [UInt8(ascii: "T")] || argument == [UInt8(ascii: "F")] else { throw XenstoreErrno.einval }
+        guard let transaction = request.transaction else { throw XenstoreErrno.enoent }
+        request.client.transactions[transaction.id] = nil
+        if argument == [UInt8(ascii: "T")] {
+            try transaction.commit(to: store)
+            for event in transaction.events {
+                fire(event.path, exact: event.exact, node: store.node(event.path) ?? event.before, before: event.before)
+            }
+        }
+        return Self.ok
+    }
+
+    /// Answers for any domid, introduced or not, as xenstored does.
+    private func doGetDomainPath(_ request: Request) throws -> [UInt8] {
+        guard let argument = request.message.singleArgument else { throw XenstoreErrno.einval }
+        return Array("/local/domain/\(Self.leadingNumber(argument))".utf8) + [0]
+    }
+
+    /// Arguments: domid, grant frame, event channel port. Introducing an introduced domain
+    /// again is OK and changes nothing.
+    private func doIntroduce(_ request: Request) throws -> [UInt8] {
+        let strings = request.message.strings
+        guard strings.count >= 3, let domid = Self.domid(strings[0]),
+              Self.number(strings[1]) != nil, Self.number(strings[2]) != nil else { throw XenstoreErrno.einval }
+        guard domid != 0 else { throw XenstoreErrno.einval }
+        if !introducedDomains.contains(domid) {
+            do { try onIntroduce(domid) } catch {
+                logger.error("introduce dom\(domid): \(error)")
+                throw XenstoreErrno.eio
+            }
+            introducedDomains.insert(domid)
+            logger.info("introduced dom\(domid)")
+            fireSpecial(Self.introduceDomainPath)
+        }
+        return Self.ok
+    }
+
+    private func doRelease(_ request: Request) throws -> [UInt8] {
+        let domid = try domidArgument(request)
+        guard domid != 0 else { throw XenstoreErrno.einval }
+        guard introducedDomains.remove(domid) != nil else { throw XenstoreErrno.enoent }
+        targets[domid] = nil
+        onRelease(domid)
+        logger.info("released dom\(domid)")
+        fireSpecial(Self.releaseDomainPath)
+        return Self.ok
+    }
+
+    private func doIsDomainIntroduced(_ request: Request) throws -> [UInt8] {
+        let domid = try domidArgument(request)
+        return Array((domid == 0 || introducedDomains.contains(domid) ? "T" : "F").utf8) + [0]
+    }
+
+    private func doResume(_ request: Request) throws -> [UInt8] {
+        let domid = try domidArgument(request)
+        guard introducedDomains.contains(domid) else { throw XenstoreErrno.enoent }
+        return Self.ok
+    }
+
+    /// Arguments: domid, target. From then on permission entries naming the target count
+    /// for the domain too (a device model acting for its guest).
+    private func doSetTarget(_ request: Request) throws -> [UInt8] {
+        let strings = request.message.strings
+        guard strings.count >= 2, let domid = Self.domid(strings[0]), let target = Self.domid(strings[1]) else {
+            throw XenstoreErrno.einval
+        }
+        guard introducedDomains.contains(domid), target == 0 || introducedDomains.contains(target) else {
+            throw XenstoreErrno.enoent
+        }
+        targets[domid] = target
+        return Self.ok
+    }
+
+    private func doControl(_ request: Request) throws -> [UInt8] {
+        let strings = request.message.strings.map { String(decoding: $0, as: UTF8.self) }
+        switch strings.first {
+        case "print":
+            logger.info("control print: \(strings.dropFirst().joined(separator: " "))")
+            return Self.ok
+        case "check":
+            return Self.ok
+        case "help":
+            return Array("check\nprint <string>\nhelp\n".utf8) + [0]
+        default:
+            throw XenstoreErrno.einval
+        }
+    }
+
+    // MARK: arguments
+
+    /// Parses a path argument and returns its node if the caller has `need` on it.
+    private func lookupArgument(_ raw: [UInt8]?, need: Rights, _ request: Request,
+                                allowSpecial: Bool = false) throws -> (path: String, node: Node) {
+        let path = try canonicalize(raw, for: request.caller, allowSpecial: allowSpecial)
+        return (path, try lookup(path, need: need, caller: request.caller, view: request.view))
+    }
+
+    /// The node the caller may write, or nil if it does not exist (and may be created).
+    private func writableNode(_ path: String, _ request: Request) throws -> Node? {
+        do {
+            return try lookup(path, need: .write, caller: request.caller, view: request.view)
+        } catch XenstoreErrno.enoent {
+            return nil
+        }
+    }
+
+    /// WATCH and UNWATCH arguments: path and token.
+    private func watchArgument(_ request: Request) throws -> Watch {
+        let strings = request.message.strings
+        guard strings.count == 2 else { throw XenstoreErrno.einval }
+        let (path, prefixLength) = try canonicalizeWatch(strings[0], for: request.caller)
+        return Watch(path: path, token: String(decoding: strings[1], as: UTF8.self), prefixLength: prefixLength)
+    }
+
+    /// A single argument that must be a real domid.
+    private func domidArgument(_ request: Request) throws -> UInt32 {
+        guard let argument = request.message.singleArgument, let domid = Self.domid(argument) else {
+            throw XenstoreErrno.einval
+        }
+        return domid
     }
 
     // MARK: paths
@@ -479,51 +605,6 @@ public final class Xenstored {
         }
     }
 
-    private func directoryPart(_ message: WireMessage, caller: XenstoreCaller, view: StoreView) throws -> [UInt8] {
-        let strings = message.strings
-        guard strings.count == 2 else { throw XenstoreErrno.einval }
-        let path = try canonicalize(strings[0], for: caller)
-        let node = try lookup(path, need: .read, caller: caller, view: view)
-        let offset = Int(Self.leadingNumber(strings[1]))
-        let generation = Array("\(node.generation)".utf8) + [0]
-        let children = WireMessage.nulTerminated(node.children)
-        // Past the end: the generation and an empty string, which ends libxenstore's loop.
-        guard offset < children.count else { return generation + [0] }
-        let room = WireMessage.maxPayload - generation.count - 1
-        var length = 0
-        while true {
-            let nameLength = (children[(offset + length)...].firstIndex(of: 0) ?? children.count) - (offset + length)
-            guard length + nameLength < room else { break }
-            length += nameLength + 1
-            if offset + length >= children.count { break }
-        }
-        var payload = generation
-        payload.append(contentsOf: children[offset..<min(offset + length, children.count)])
-        if offset + length >= children.count { payload.append(0) }
-        return payload
-    }
-
-    private func setPermissions(_ message: WireMessage, caller: XenstoreCaller, view: StoreView) throws {
-        let strings = message.strings
-        guard strings.count >= 2 else { throw XenstoreErrno.einval }
-        var permissions: [XenStorePermission] = []
-        for text in strings.dropFirst() {
-            guard let permission = XenStorePermission(String(decoding: text, as: UTF8.self)) else {
-                throw XenstoreErrno.einval
-            }
-            permissions.append(permission)
-        }
-        if !caller.isPrivileged && permissions.count > limits.maxPermissionsPerNode { throw XenstoreErrno.enospc }
-        let path = try canonicalize(strings[0], for: caller, allowSpecial: true)
-        let old = try lookup(path, need: [.write, .owner], caller: caller, view: view)
-        // Guests may not give their nodes away.
-        if !caller.isPrivileged && permissions[0].domid != old.owner { throw XenstoreErrno.eperm }
-        var node = old
-        node.permissions = permissions
-        view.write(path, node)
-        changed(path, exact: false, before: old, view: view)
-    }
-
     // MARK: watches
 
     /// A change inside a transaction waits for the commit; otherwise watchers hear now.
@@ -545,6 +626,11 @@ public final class Xenstored {
                 if let event = event(watch, path: path) { outbox.append(Delivery(connection: id, message: event)) }
             }
         }
+    }
+
+    /// @introduceDomain and @releaseDomain: every watcher allowed to read the node hears.
+    private func fireSpecial(_ path: String) {
+        fire(path, exact: false, node: store.node(path), before: nil)
     }
 
     private func event(_ watch: Watch, path: String) -> WireMessage? {
