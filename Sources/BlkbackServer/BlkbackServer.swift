@@ -68,6 +68,41 @@ struct BlkbackServer: ParsableCommand {
     var domid: UInt32 = 0
 
     func run() throws {
+        let options = validatedOptions()
+        if let sim, getenv("XENSTORED_PATH") == nil {
+            setenv("XENSTORED_PATH", sim + "/xenstored.sock", 1)
+        }
+        let logger = bootstrapLogging()
+        // Block the stop signals before any thread starts, so every thread inherits the mask
+        // and only sigwait in serve receives them.
+        var stopSignals = sigset_t()
+        sigemptyset(&stopSignals)
+        sigaddset(&stopSignals, SIGTERM)
+        sigaddset(&stopSignals, SIGINT)
+        pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
+
+        let daemon = wire(options, logger: logger)
+        serve(daemon, options, stopSignals: stopSignals, logger: logger)
+    }
+
+    /// What the flags ask for, checked: nothing is started yet.
+    private struct Options {
+        var configuration: BackendConfiguration
+        var address: ListenAddress
+        var token: BearerToken?
+        var tls: (certificate: String, key: String)?
+    }
+
+    /// The parts `serve` starts and stops.
+    private struct Daemon {
+        var manager: BackendManager
+        var server: HTTPServer
+    }
+
+    // MARK: options
+
+    /// Checks the flags and reads the token and TLS files; exits with 2 on the first problem.
+    private func validatedOptions() -> Options {
         let configuration = BackendConfiguration(
             domid: domid, kinds: kinds.isEmpty ? ["vbd"] : kinds, maxQueues: maxQueues,
             maxRingPageOrder: maxRingPageOrder, maxIndirectSegments: maxIndirectSegments,
@@ -90,38 +125,39 @@ struct BlkbackServer: ParsableCommand {
         if !address.isLoopback, token == nil {
             fail("refusing to listen on non-loopback \(address) without --token-file", code: 2)
         }
-        var tls: (certificate: String, key: String)?
+        return Options(configuration: configuration, address: address, token: token, tls: tlsFiles())
+    }
+
+    /// The PEM certificate and key of --tls-cert/--tls-key; nil for plain HTTP.
+    private func tlsFiles() -> (certificate: String, key: String)? {
         switch (tlsCert, tlsKey) {
-        case (nil, nil): break
+        case (nil, nil):
+            return nil
         case (let cert?, let key?):
             guard let certificate = try? String(contentsOfFile: cert, encoding: .utf8) else { fail("cannot read the TLS certificate \(cert)", code: 2) }
             guard let keyText = try? String(contentsOfFile: key, encoding: .utf8) else { fail("cannot read the TLS key \(key)", code: 2) }
             guard HTTPServer.supportsTLS else { fail("this libmicrohttpd was built without TLS; drop --tls-cert/--tls-key", code: 2) }
-            tls = (certificate, keyText)
+            return (certificate, keyText)
         default:
             fail("--tls-cert and --tls-key go together", code: 2)
         }
+    }
 
-        if let sim, getenv("XENSTORED_PATH") == nil {
-            setenv("XENSTORED_PATH", sim + "/xenstored.sock", 1)
-        }
-
+    private func bootstrapLogging() -> Logger {
         let level = logLevel
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
             handler.logLevel = level
             return handler
         }
-        let logger = Logger(label: "blkback")
+        return Logger(label: "blkback")
+    }
 
-        // Block the stop signals before any thread starts, so every thread inherits the mask
-        // and only sigwait below receives them.
-        var stopSignals = sigset_t()
-        sigemptyset(&stopSignals)
-        sigaddset(&stopSignals, SIGTERM)
-        sigaddset(&stopSignals, SIGINT)
-        pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
+    // MARK: wiring
 
+    /// Hypervisor services, xenstore, the control plane over the data plane, and the HTTP API
+    /// in front of it; nothing started yet. Exits with 2 without Xen devices, 1 without xenstored.
+    private func wire(_ options: Options, logger: Logger) -> Daemon {
         // Grants and event channels first: without them (no Xen, modules not loaded) nothing
         // can be served, and that is the message an operator needs.
         let services: HypervisorServices
@@ -143,22 +179,31 @@ struct BlkbackServer: ParsableCommand {
 
         let manager: BackendManager
         do {
-            manager = try BackendManager(configuration: configuration, store: store, dataPlane: dataPlane, logger: logger)
+            manager = try BackendManager(configuration: options.configuration, store: store, dataPlane: dataPlane, logger: logger)
         } catch {
             fail("cannot start the control plane: \(error)", code: 1)
         }
 
-        // The API before the devices: an address that cannot be had fails before any device
-        // is touched (/healthz says 503 until the control plane watches).
-        let api = ManagementAPI(backend: manager, token: token)
-        var serverConfiguration = HTTPServer.Configuration(address: address, tls: tls)
+        let api = ManagementAPI(backend: manager, token: options.token)
+        var serverConfiguration = HTTPServer.Configuration(address: options.address, tls: options.tls)
         serverConfiguration.maximumBodySize = 64 * 1024
         let server = HTTPServer(configuration: serverConfiguration, logger: Logger(label: "blkback.api"),
                                 tooLarge: { limit in ManagementAPI.errorResponse(413, "request body larger than \(limit) bytes") },
                                 handler: { request in api.respond(request) })
+        return Daemon(manager: manager, server: server)
+    }
+
+    // MARK: serving
+
+    /// Starts the API, then the control plane; waits for SIGTERM/SIGINT (blocked in
+    /// `stopSignals`); stops the API, then the control plane.
+    private func serve(_ daemon: Daemon, _ options: Options, stopSignals: sigset_t, logger: Logger) {
+        let (server, manager, configuration) = (daemon.server, daemon.manager, options.configuration)
+        // The API before the devices: an address that cannot be had fails before any device
+        // is touched (/healthz says 503 until the control plane watches).
         do {
             try server.start()
-            logger.info("HTTP API listening on \(tls == nil ? "http" : "https")://\(address)\(token == nil ? "" : " (bearer token required)")")
+            logger.info("HTTP API listening on \(options.tls == nil ? "http" : "https")://\(options.address)\(options.token == nil ? "" : " (bearer token required)")")
         } catch {
             // An address asked for must work; the default one being taken (another daemon,
             // a test) leaves the block devices served and says so.
@@ -179,8 +224,9 @@ struct BlkbackServer: ParsableCommand {
             persistent grants not implemented (feature-persistent=0)
             """)
 
+        var signals = stopSignals
         var received: Int32 = 0
-        sigwait(&stopSignals, &received)
+        sigwait(&signals, &received)
         logger.info("received signal \(received); stopping")
         // The API first: no new commands reach a control plane that is closing devices.
         server.stop()

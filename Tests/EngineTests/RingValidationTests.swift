@@ -110,6 +110,33 @@ import Testing
         #expect(BlkifRequestError.readOnlyDevice(.write).responseStatus == .error)
     }
 
+    /// 4096-byte logical sectors: a transfer must start and end on 8 × 512 bytes, or it is
+    /// refused with BLKIF_RSP_ERROR.
+    @Test func alignmentToLogicalBlockSize() throws {
+        let disk4K = BlkifRequestLimits(sectors: 1000, readOnly: false, maxIndirectSegments: 256, sectorsPerBlock: 8)
+        let misaligned = BlkifRequestError.misaligned(sectorsPerBlock: 8)
+        #expect(misaligned.responseStatus == .error)
+        #expect(throws: misaligned) { try Self.rw(.read, sector: 1).validate(for: disk4K) }
+        #expect(throws: misaligned) {
+            try Self.rw(.write, sector: 8, [.init(gref: 1, firstSect: 0, lastSect: 0)]).validate(for: disk4K)
+        }
+        #expect(throws: misaligned) {
+            try Self.rw(.write, sector: 8, [.init(gref: 1, firstSect: 1, lastSect: 7)]).validate(for: disk4K)
+        }
+        try Self.rw(.read, sector: 8).validate(for: disk4K)
+        try Self.rw(.write, sector: 8, [Self.page, Self.page]).validate(for: disk4K)
+        // 512-byte sectors (the default): any sector.
+        try Self.rw(.read, sector: 1, [.init(gref: 1, firstSect: 3, lastSect: 3)]).validate(for: Self.disk)
+        // Indirect segments are checked once read, through the same rule.
+        let indirect = BlkifRequest.Indirect(indirectOperation: .read, nrSegments: 1, id: 1, sectorNumber: 1, indirectGrefs: [5])
+        try BlkifRequest.indirect(indirect).validate(for: disk4K)
+        #expect(throws: misaligned) { try indirect.validate(segments: [Self.page], for: disk4K) }
+        // Range and read-only refusals come first.
+        #expect(throws: BlkifRequestError.beyondDeviceEnd(sectorNumber: 999, sectorCount: 8, deviceSectors: 1000)) {
+            try Self.rw(.read, sector: 999).validate(for: disk4K)
+        }
+    }
+
     /// The indirect pages' segments: shape, count and the range they cover.
     @Test func indirectSegments() throws {
         let request = Self.indirect(.write, segments: 3)

@@ -9,13 +9,18 @@ public struct BlkifRequestLimits: Sendable, Equatable {
     public var readOnly: Bool
     /// The advertised feature-max-indirect-segments; 0 when indirect requests are not offered.
     public var maxIndirectSegments: Int
+    /// The device's logical block size (sector-size) in 512-byte sectors: every data transfer
+    /// must start and end on it (O_DIRECT needs it; Linux blkback refuses the rest too).
+    /// 1 or less: any sector.
+    public var sectorsPerBlock: UInt64
 
-    public init(sectors: UInt64, readOnly: Bool, maxIndirectSegments: Int) {
+    public init(sectors: UInt64, readOnly: Bool, maxIndirectSegments: Int, sectorsPerBlock: UInt64 = 1) {
         precondition(maxIndirectSegments >= 0 && maxIndirectSegments <= Blkif.maxIndirectSegments,
                      "feature-max-indirect-segments must be within 0...\(Blkif.maxIndirectSegments)")
         self.sectors = sectors
         self.readOnly = readOnly
         self.maxIndirectSegments = maxIndirectSegments
+        self.sectorsPerBlock = sectorsPerBlock
     }
 }
 
@@ -38,6 +43,9 @@ public enum BlkifRequestError: Error, Sendable, Equatable {
     case readOnlyDevice(BlkifOperation)
     /// Indirect segments supplied do not match nr_segments.
     case segmentCountMismatch(expected: Int, actual: Int)
+    /// The sector number, a segment's first_sect or its length is not a multiple of the
+    /// device's logical block size.
+    case misaligned(sectorsPerBlock: UInt64)
 
     /// The status the frontend gets.
     public var responseStatus: BlkifResponseStatus {
@@ -105,7 +113,7 @@ extension BlkifRequest.Indirect {
     }
 }
 
-/// Segment shape, device access mode and sector range of a data transfer.
+/// Segment shape, device access mode, sector range and alignment of a data transfer.
 private func validateTransfer(operation: BlkifOperation, sectorNumber: UInt64, segments: some Collection<BlkifSegment>,
                               limits: BlkifRequestLimits) throws(BlkifRequestError) {
     var sectorCount: UInt64 = 0
@@ -119,9 +127,23 @@ private func validateTransfer(operation: BlkifOperation, sectorNumber: UInt64, s
         sectorCount += segment.sectorCount
     }
     // A flush or barrier without data touches no sectors (CVE-2013-2140 is about data).
-    if sectorCount == 0 { return }
-    if limits.readOnly && operation.modifiesDisk { throw .readOnlyDevice(operation) }
-    try validateRange(sectorNumber: sectorNumber, sectorCount: sectorCount, limits: limits)
+    if sectorCount > 0 {
+        if limits.readOnly && operation.modifiesDisk { throw .readOnlyDevice(operation) }
+        try validateRange(sectorNumber: sectorNumber, sectorCount: sectorCount, limits: limits)
+    }
+    try validateAlignment(sectorNumber: sectorNumber, segments: segments, limits: limits)
+}
+
+/// Checked after shape and range: a request also wrong in those is refused for them. The
+/// sector number is checked even when there are no segments.
+private func validateAlignment(sectorNumber: UInt64, segments: some Collection<BlkifSegment>,
+                               limits: BlkifRequestLimits) throws(BlkifRequestError) {
+    let block = limits.sectorsPerBlock
+    guard block > 1 else { return }
+    let aligned = sectorNumber % block == 0 && segments.allSatisfy {
+        UInt64($0.firstSect) % block == 0 && $0.sectorCount % block == 0
+    }
+    if !aligned { throw .misaligned(sectorsPerBlock: block) }
 }
 
 private func validateRange(sectorNumber: UInt64, sectorCount: UInt64, limits: BlkifRequestLimits) throws(BlkifRequestError) {

@@ -14,10 +14,20 @@ struct DeviceContext: Sendable {
     let domid: UInt32
     /// The descriptor I/O goes to (O_DIRECT when the store allows it); owned by ConnectedVBD.
     let descriptor: Int32
+    /// Everything a request is validated against, the logical block size included.
     let limits: BlkifRequestLimits
     let features: BlockFeatures
-    /// sector-size in 512-byte units: every transfer must start and end on it.
-    let sectorsPerBlock: UInt64
+
+    /// `sectorsPerBlock`: sector-size in 512-byte units, which every transfer must start and
+    /// end on; it goes into `limits`, so validation checks it with the rest.
+    init(domid: UInt32, descriptor: Int32, limits: BlkifRequestLimits, features: BlockFeatures, sectorsPerBlock: UInt64) {
+        self.domid = domid
+        self.descriptor = descriptor
+        var limits = limits
+        limits.sectorsPerBlock = sectorsPerBlock
+        self.limits = limits
+        self.features = features
+    }
 }
 
 /// One request between being taken off the ring and being answered (blkback's pending_req).
@@ -237,11 +247,47 @@ final class RingWorker: @unchecked Sendable {
         }
     }
 
+    /// Classifies and counts the request, validates it once, then starts its operation.
     private func dispatch(_ request: BlkifRequest) {
+        guard let index = claimSlot(for: request) else { return }
+        let kind = request.operationKind
+        slots[index].kind = kind
+        if let kind { count(kind) }
+        // Discard not offered is EOPNOTSUPP whatever else is wrong with the request.
+        if case .discard(let discard) = request, !device.features.discard || discard.secure {
+            return fail(index, .notSupported, discard.secure ? "secure discard not offered" : "discard not offered")
+        }
+        guard validate(index, { () throws(BlkifRequestError) in try request.validate(for: device.limits) }) else { return }
+        switch request {
+        case .readWrite(let rw):
+            if (rw.operation == .writeBarrier && !device.features.barrier) || (rw.operation == .flushDiskCache && !device.features.flush) {
+                return fail(index, .notSupported, "\(rw.operation) not offered")
+            }
+            segments.removeAll(keepingCapacity: true)
+            segments.append(contentsOf: rw.segments)
+            prepareTransfer(index, isWrite: rw.operation != .read, sectorNumber: rw.sectorNumber)
+        case .indirect(let indirect):
+            guard readIndirectSegments(indirect, slot: index) else { return }
+            prepareTransfer(index, isWrite: indirect.indirectOperation == .write, sectorNumber: indirect.sectorNumber)
+        case .discard(let discard):
+            guard discard.nrSectors > 0 else { return finish(index) }
+            slots[index].offset = discard.sectorNumber * UInt64(Blkif.sectorSize)
+            slots[index].discardLength = discard.nrSectors * UInt64(Blkif.sectorSize)
+            slots[index].stage = .discard
+            submitStage(index)
+        case .other(let operation, _):
+            // validate(for:) refuses every operation without a layout; never lose the slot.
+            fail(index, .notSupported, "unsupported operation \(operation.rawValue)")
+        }
+    }
+
+    /// A free slot set up for `request`, counted in flight; nil (the request answered with an
+    /// error) when none is free.
+    private func claimSlot(for request: BlkifRequest) -> Int? {
         guard let index = freeSlots.popLast() else {
             // Cannot happen while slots equal ring entries; answer rather than lose the request.
             respondNow(request, .error)
-            return
+            return nil
         }
         let slot = slots[index]
         slot.id = request.id
@@ -255,47 +301,25 @@ final class RingWorker: @unchecked Sendable {
         slot.vectorCount = 0
         inflightCount.add(1, ordering: .releasing)
         statistics.update { $0.inflight += 1 }
+        return index
+    }
 
-        switch request {
-        case .other(let operation, _):
-            slot.kind = nil
-            fail(index, .notSupported, "unsupported operation \(operation.rawValue)")
-        case .readWrite(let rw):
-            let kind: BlockOperationKind = rw.operation == .read ? .read : rw.operation == .write ? .write : .flush
-            slot.kind = kind
-            count(kind)
-            do throws(BlkifRequestError) { try request.validate(for: device.limits) } catch {
-                return fail(index, error.responseStatus, "\(error)")
-            }
-            if (rw.operation == .writeBarrier && !device.features.barrier) || (rw.operation == .flushDiskCache && !device.features.flush) {
-                return fail(index, .notSupported, "\(rw.operation) not offered")
-            }
-            segments.removeAll(keepingCapacity: true)
-            segments.append(contentsOf: rw.segments)
-            prepareTransfer(index, isWrite: rw.operation != .read, sectorNumber: rw.sectorNumber)
-        case .indirect(let indirect):
-            let kind: BlockOperationKind = indirect.indirectOperation == .read ? .read : .write
-            slot.kind = kind
-            count(kind)
-            do throws(BlkifRequestError) { try request.validate(for: device.limits) } catch {
-                return fail(index, error.responseStatus, "\(error)")
-            }
-            guard readIndirectSegments(indirect, slot: index) else { return }
-            prepareTransfer(index, isWrite: indirect.indirectOperation == .write, sectorNumber: indirect.sectorNumber)
-        case .discard(let discard):
-            slot.kind = .discard
-            count(.discard)
-            guard device.features.discard, !discard.secure else {
-                return fail(index, .notSupported, discard.secure ? "secure discard not offered" : "discard not offered")
-            }
-            do throws(BlkifRequestError) { try request.validate(for: device.limits) } catch {
-                return fail(index, error.responseStatus, "\(error)")
-            }
-            guard discard.nrSectors > 0 else { return finish(index) }
-            slot.offset = discard.sectorNumber * UInt64(Blkif.sectorSize)
-            slot.discardLength = discard.nrSectors * UInt64(Blkif.sectorSize)
-            slot.stage = .discard
-            submitStage(index)
+    /// The one validate-or-fail point, for the ring entry and for the segments of indirect
+    /// pages once read: false when `check` refused the request (then answered).
+    private func validate(_ index: Int, _ check: () throws(BlkifRequestError) -> Void) -> Bool {
+        do throws(BlkifRequestError) { try check() } catch {
+            fail(index, error.responseStatus, Self.reason(error))
+            return false
+        }
+        return true
+    }
+
+    /// What the debug log says about a refused request.
+    private static func reason(_ error: BlkifRequestError) -> String {
+        switch error {
+        case .unsupportedOperation(let operation): "unsupported operation \(operation.rawValue)"
+        case .misaligned: "misaligned request"
+        default: "\(error)"
         }
     }
 
@@ -322,25 +346,13 @@ final class RingWorker: @unchecked Sendable {
         BlkifIndirectPage.readSegments(of: request, pages: (0..<pages.pageCount).map { UnsafeRawPointer(pages.page($0)) },
                                        into: &segments)
         do { try pages.unmap() } catch { warn("unmapping indirect pages: \(error)") }
-        do throws(BlkifRequestError) { try request.validate(segments: segments, for: device.limits) } catch {
-            fail(index, error.responseStatus, "\(error)")
-            return false
-        }
-        return true
+        return validate(index) { () throws(BlkifRequestError) in try request.validate(segments: segments, for: device.limits) }
     }
 
     /// READ, WRITE, WRITE_BARRIER, FLUSH_DISKCACHE (with or without data), direct or indirect,
-    /// with `segments` validated.
+    /// with `segments` validated (alignment to the logical block size included).
     private func prepareTransfer(_ index: Int, isWrite: Bool, sectorNumber: UInt64) {
         let slot = slots[index]
-        let block = device.sectorsPerBlock
-        if block > 1 {
-            // Misaligned to sector-size (Linux blkback refuses it too); O_DIRECT needs it.
-            let aligned = sectorNumber % block == 0 && segments.allSatisfy {
-                UInt64($0.firstSect) % block == 0 && $0.sectorCount % block == 0
-            }
-            guard aligned else { return fail(index, .error, "misaligned request") }
-        }
         let barrier = slot.operation == .writeBarrier
         // FLUSH_DISKCACHE carrying data is blkfront's FUA write: write, then flush. A barrier
         // additionally waits for everything before it (Linux blkback drains, then writes).
@@ -538,6 +550,18 @@ final class RingWorker: @unchecked Sendable {
             logger.warning("\(message)")
         } else {
             logger.debug("\(message)")
+        }
+    }
+}
+
+private extension BlkifRequest {
+    /// The statistics class of the request; nil for operations without one (unknown ones).
+    var operationKind: BlockOperationKind? {
+        switch self {
+        case .readWrite(let rw): rw.operation == .read ? .read : rw.operation == .write ? .write : .flush
+        case .indirect(let indirect): indirect.indirectOperation == .read ? .read : .write
+        case .discard: .discard
+        case .other: nil
         }
     }
 }
