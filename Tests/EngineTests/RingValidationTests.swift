@@ -135,6 +135,9 @@ import Testing
         #expect(throws: BlkifRequestError.beyondDeviceEnd(sectorNumber: 999, sectorCount: 8, deviceSectors: 1000)) {
             try Self.rw(.read, sector: 999).validate(for: disk4K)
         }
+        // A flush without data carries blkfront's (sector_t)-1: no sector, nothing to align.
+        try Self.rw(.flushDiskCache, sector: .max, []).validate(for: disk4K)
+        try Self.rw(.writeBarrier, sector: .max, []).validate(for: disk4K)
     }
 
     /// The indirect pages' segments: shape, count and the range they cover.

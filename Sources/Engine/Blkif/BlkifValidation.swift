@@ -126,16 +126,15 @@ private func validateTransfer(operation: BlkifOperation, sectorNumber: UInt64, s
         }
         sectorCount += segment.sectorCount
     }
-    // A flush or barrier without data touches no sectors (CVE-2013-2140 is about data).
-    if sectorCount > 0 {
-        if limits.readOnly && operation.modifiesDisk { throw .readOnlyDevice(operation) }
-        try validateRange(sectorNumber: sectorNumber, sectorCount: sectorCount, limits: limits)
-    }
+    // A flush or barrier without data touches no sectors (CVE-2013-2140 is about data), and
+    // its sector number means nothing: blkfront sends (sector_t)-1.
+    guard sectorCount > 0 else { return }
+    if limits.readOnly && operation.modifiesDisk { throw .readOnlyDevice(operation) }
+    try validateRange(sectorNumber: sectorNumber, sectorCount: sectorCount, limits: limits)
     try validateAlignment(sectorNumber: sectorNumber, segments: segments, limits: limits)
 }
 
-/// Checked after shape and range: a request also wrong in those is refused for them. The
-/// sector number is checked even when there are no segments.
+/// Checked after shape and range: a request also wrong in those is refused for them.
 private func validateAlignment(sectorNumber: UInt64, segments: some Collection<BlkifSegment>,
                                limits: BlkifRequestLimits) throws(BlkifRequestError) {
     let block = limits.sectorsPerBlock

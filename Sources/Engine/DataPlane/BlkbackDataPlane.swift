@@ -28,8 +28,9 @@ public final class BlkbackDataPlane: DataPlane {
         let maxIndirect = min(max(request.maxIndirectSegments, 0), Blkif.maxIndirectSegments)
         let device = DeviceContext(
             domid: request.vbd.domid.rawValue, descriptor: io.descriptor,
-            limits: BlkifRequestLimits(sectors: store.sectors, readOnly: store.readOnly, maxIndirectSegments: maxIndirect),
-            features: features, sectorsPerBlock: UInt64(max(store.logicalSectorSize, 512) / 512))
+            limits: BlkifRequestLimits(sectors: store.sectors, readOnly: store.readOnly, maxIndirectSegments: maxIndirect,
+                                       sectorsPerBlock: UInt64(max(store.logicalSectorSize, 512) / 512)),
+            features: features)
 
         var workers: [RingWorker] = []
         do {

@@ -17,17 +17,6 @@ struct DeviceContext: Sendable {
     /// Everything a request is validated against, the logical block size included.
     let limits: BlkifRequestLimits
     let features: BlockFeatures
-
-    /// `sectorsPerBlock`: sector-size in 512-byte units, which every transfer must start and
-    /// end on; it goes into `limits`, so validation checks it with the rest.
-    init(domid: UInt32, descriptor: Int32, limits: BlkifRequestLimits, features: BlockFeatures, sectorsPerBlock: UInt64) {
-        self.domid = domid
-        self.descriptor = descriptor
-        var limits = limits
-        limits.sectorsPerBlock = sectorsPerBlock
-        self.limits = limits
-        self.features = features
-    }
 }
 
 /// One request between being taken off the ring and being answered (blkback's pending_req).
