@@ -18,11 +18,11 @@ import Testing
         "\"closing\"",                               // not an object or array
         #"{'state':'closing'}"#,                    // not JSON quoting
     ])
-    func refuses(text: String) {
+    func malformedDocumentIsRefused(text: String) {
         #expect(throws: JSONError.self) { try parse(text) }
     }
 
-    @Test func refusesInvalidUTF8() {
+    @Test func invalidUTF8IsRefused() {
         let bytes: [UInt8] = Array(#"{"state":""#.utf8) + [0xC3, 0x28] + Array(#""}"#.utf8)
         #expect(throws: JSONError.self) { try JSONValue.parse(bytes) }
     }
@@ -82,7 +82,7 @@ import Testing
 
     @Test(arguments: [#"{}"#, #"{"state":1}"#, #"{"state":"open"}"#, #"{"state":"closing","force":true}"#,
                       #"["closing"]"#, #"{"state":null}"#, #"{"state":["closing"]}"#, #"{"State":"closing"}"#])
-    func refuses(text: String) {
+    func bodyOtherThanOneStateIsRefused(text: String) {
         #expect(throws: JSONError.self) { try command(text) }
     }
 }

@@ -17,7 +17,7 @@ import Testing
     }
 
     @Test(arguments: ["", "8080", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:65536", "host.example:80", "[::1]8080", "::1:80x"])
-    func refused(text: String) {
+    func addressWithoutHostAndPortIsRefused(text: String) {
         #expect(throws: ListenAddressError.self) { try ListenAddress(text) }
     }
 }

@@ -33,7 +33,7 @@ import Testing
         #expect(try read(["ring-ref": "1", "event-channel": "2", "protocol": ""]).protocol == .native)
     }
 
-    @Test func x86_32Layout() throws {
+    @Test func x86_32ProtocolIsRecognised() throws {
         #expect(try read(["ring-ref": "1", "event-channel": "2", "protocol": "x86_32-abi"]).protocol == .x86_32)
     }
 

@@ -102,7 +102,7 @@ import Testing
     }
 
     /// Linux's blkif_x86_32_request: packed, so the 64-bit fields move 4 bytes earlier.
-    @Test func x86_32Layout() {
+    @Test func x86_32RequestIsPackedFourBytesEarlier() {
         let layout = BlkifProtocol.x86_32.layout
         #expect(layout.requestSize == 108)
         #expect(layout.responseSize == 12)

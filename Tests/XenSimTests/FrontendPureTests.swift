@@ -9,7 +9,7 @@ import Testing
     }
 
     @Test(arguments: ["", "k", "4x", "-4k", "4.5k", "4 k", "k4", "99999999999999999999", "16777216t", "iB"])
-    func refusesNonSizes(text: String) {
+    func textThatIsNoByteSizeIsRefused(text: String) {
         #expect(throws: ByteSize.ParseError.self) { try ByteSize.parse(text) }
     }
 

@@ -191,7 +191,7 @@ import XenSim
         }
     }
 
-    @Test func domainLifecycle() throws {
+    @Test func domainsAreCreatedOnceAndDestroyedOnce() throws {
         defer { dir.remove() }
         #expect(throws: SimDomainError.domainExists(guestDomid)) {
             try SimDomain.createDomain(directory: dir.path, domid: guestDomid, memoryMB: 4)
