@@ -4,6 +4,15 @@ import Foundation
 /// Prometheus text exposition (format 0.0.4) of every VBD's counters, rendered from the
 /// control plane's snapshots at scrape time: a VBD that goes away takes its series with it.
 /// Modelled on node_exporter's node_disk_*: bytes and seconds, `_total` counters.
+///
+/// Why not swift-prometheus: its registry holds the values, so every request would be
+/// recorded twice (in the ring's statistics, which the stats endpoint and the latency
+/// histograms need, and in the registry), and a removed VBD's series would have to be
+/// unregistered by hand. Its histograms take observations only, never bucket counts, so the
+/// rings' fixed-bucket histograms cannot be handed over at scrape time. Measured here
+/// (release build, one thread, 5 million records with the same 15 buckets): 182-261 ns per
+/// `DurationHistogram.record` against 98-102 ns for the rings' bucket update under a Mutex,
+/// which already holds what is exposed. So the exposition is rendered from the snapshots.
 public enum MetricsExposition {
     public static let contentType = "text/plain; version=0.0.4; charset=utf-8"
 

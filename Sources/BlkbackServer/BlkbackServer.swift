@@ -197,6 +197,13 @@ struct BlkbackServer: ParsableCommand {
 
     /// Starts the API, then the control plane; waits for SIGTERM/SIGINT (blocked in
     /// `stopSignals`); stops the API, then the control plane.
+    ///
+    /// Why not swift-service-lifecycle: its ServiceGroup runs async services and cancels
+    /// them on a signal; nothing here is async (the control plane and the ring workers are
+    /// threads, libmicrohttpd has its own), and the order of the stop matters (API first, then
+    /// the control plane's drain, which writes Closed only once rings are released). One
+    /// sigwait on signals blocked before any thread starts gives that order without a
+    /// concurrency runtime between the signal and the drain.
     private func serve(_ daemon: Daemon, _ options: Options, stopSignals: sigset_t, logger: Logger) {
         let (server, manager, configuration) = (daemon.server, daemon.manager, options.configuration)
         // The API before the devices: an address that cannot be had fails before any device

@@ -57,6 +57,18 @@ public struct SharedRing: @unchecked Sendable {
     func index(at offset: Int) -> RingIndex { loadOnce(memory + offset) }
     func setIndex(_ value: RingIndex, at offset: Int) { storeOnce(value, memory + offset) }
 
+    /// The push half of RING_PUSH_{REQUESTS,RESPONSES}_AND_CHECK_NOTIFY, for either end:
+    /// publishes the producer index `new` (entries first, xen_wmb) and tells whether the other
+    /// end asked to be notified, i.e. its event index lies within the pushed range (read after
+    /// the publish, xen_mb).
+    func publish(_ new: RingIndex, producerAt producerOffset: Int, eventAt eventOffset: Int) -> Bool {
+        let old = index(at: producerOffset)
+        atomicMemoryFence(ordering: .releasing)
+        setIndex(new, at: producerOffset)
+        atomicMemoryFence(ordering: .sequentiallyConsistent)
+        return new &- index(at: eventOffset) < new &- old
+    }
+
     func entry(_ index: RingIndex) -> UnsafeMutableRawPointer {
         memory + BlkifLayout.ringHeaderSize + Int(index & (size - 1)) * layout.requestSize
     }
@@ -117,12 +129,8 @@ public struct BackRing: Sendable {
     /// RING_PUSH_RESPONSES_AND_CHECK_NOTIFY: publishes the responses put so far; true when
     /// the frontend asked to be notified (rsp_event within the pushed range).
     public mutating func pushResponsesAndCheckNotify() -> Bool {
-        let old = shared.index(at: SharedRing.responseProducerOffset)
-        let new = responseProducerPrivate
-        atomicMemoryFence(ordering: .releasing)  // xen_wmb: responses before rsp_prod
-        shared.setIndex(new, at: SharedRing.responseProducerOffset)
-        atomicMemoryFence(ordering: .sequentiallyConsistent)  // xen_mb: rsp_prod before reading rsp_event
-        return new &- shared.index(at: SharedRing.responseEventOffset) < new &- old
+        shared.publish(responseProducerPrivate, producerAt: SharedRing.responseProducerOffset,
+                       eventAt: SharedRing.responseEventOffset)
     }
 
     /// RING_FINAL_CHECK_FOR_REQUESTS: true when requests are waiting; otherwise arms req_event
@@ -175,12 +183,8 @@ public struct FrontRing: Sendable {
     /// RING_PUSH_REQUESTS_AND_CHECK_NOTIFY: publishes the requests put so far; true when the
     /// backend asked to be notified.
     public mutating func pushRequestsAndCheckNotify() -> Bool {
-        let old = shared.index(at: SharedRing.requestProducerOffset)
-        let new = requestProducerPrivate
-        atomicMemoryFence(ordering: .releasing)  // xen_wmb: requests before req_prod
-        shared.setIndex(new, at: SharedRing.requestProducerOffset)
-        atomicMemoryFence(ordering: .sequentiallyConsistent)  // xen_mb: req_prod before reading req_event
-        return new &- shared.index(at: SharedRing.requestEventOffset) < new &- old
+        shared.publish(requestProducerPrivate, producerAt: SharedRing.requestProducerOffset,
+                       eventAt: SharedRing.requestEventOffset)
     }
 
     /// Reads rsp_prod once, rejects an impossible value, returns the responses ready.

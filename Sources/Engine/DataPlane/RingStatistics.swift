@@ -1,5 +1,3 @@
-import Blkif
-import Hypervisor
 import Synchronization
 import VBDInterface
 

@@ -1,4 +1,3 @@
-import Blkif
 import Foundation
 import Hypervisor
 import SimHypervisor
@@ -20,6 +19,18 @@ public struct Attack: Sendable {
     ]
 
     public static func named(_ name: String) -> Attack? { all.first { $0.name == name } }
+
+    /// An attack on a connected device: the session connects first, and afterwards the
+    /// device must still serve a verified write and read-back (the backend survived it);
+    /// `stillServed` names the moment in the failure line.
+    static func onConnectedDevice(name: String, summary: String, stillServed: String = "after the attack",
+                                  _ body: @escaping @Sendable (AttackSession) throws -> Void) -> Attack {
+        Attack(name: name, summary: summary) { s in
+            try s.connect()
+            try body(s)
+            try s.verifyStillServed(stillServed)
+        }
+    }
 
     /// Connects as domain `options.domid` through `store` (its own xenstore connection) and
     /// carries the attack out.

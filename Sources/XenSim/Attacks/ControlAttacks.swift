@@ -58,11 +58,11 @@ extension AttackSession {
 }
 
 extension Attack {
-    static let stateFlapping = Attack(
+    static let stateFlapping = Attack.onConnectedDevice(
         name: "state-flapping",
-        summary: "XSA-350: flip the frontend state among Initialising/Initialised/Connected/Closing/Closed (and values that are no state) hundreds of times while connecting, then with the ring full of reads → no crash, every ring and data mapping released, a clean negotiation works afterwards"
+        summary: "XSA-350: flip the frontend state among Initialising/Initialised/Connected/Closing/Closed (and values that are no state) hundreds of times while connecting, then with the ring full of reads → no crash, every ring and data mapping released, a clean negotiation works afterwards",
+        stillServed: "after the state flips"
     ) { s in
-        try s.connect()
         let states: [XenbusState] = [.initialised, .connected, .closing, .closed, .initialising]
         var generator = SystemRandomNumberGenerator()
         let flips = 600
@@ -106,7 +106,6 @@ extension Attack {
             throw AttackFailure("after state flips with \(queue.ring.shared.size) reads in flight, the backend still maps \(stillMapped) page(s)")
         }
         s.log("state flips with \(queue.ring.shared.size) reads in flight: every data and ring page came back")
-        try s.verifyStillServed("after the state flips")
     }
 
     static let badRingRef = Attack(
@@ -169,11 +168,10 @@ extension Attack {
         try s.verifyStillServed()
     }
 
-    static let xenstoreFlood = Attack(
+    static let xenstoreFlood = Attack.onConnectedDevice(
         name: "xenstore-flood",
         summary: "XSA-349: rewrite the watched state node and its children, and pile up watches, for --seconds → reads meanwhile answered, the device stays Connected"
     ) { s in
-        try s.connect()
         let path = s.device.frontendPath
         var watches: [String] = []
         for index in 0..<100 {
@@ -207,14 +205,12 @@ extension Attack {
         }
         s.log("\(writes) xenstore writes in \(String(format: "%.1f", Date().timeIntervalSince(start))) s; \(reads) reads answered meanwhile")
         s.release(data)
-        try s.verifyStillServed()
     }
 
-    static let unmapBusy = Attack(
+    static let unmapBusy = Attack.onConnectedDevice(
         name: "unmap-busy",
         summary: "end foreign access of the ring page while the backend maps it → refused (GTF_reading/GTF_writing), the ring keeps working"
     ) { s in
-        try s.connect()
         let ring = try s.queue.ringPages[0]
         do {
             try s.pages.grants.endForeignAccess(ring.ref)
@@ -225,6 +221,5 @@ extension Attack {
         let data = try s.grant(1)
         try s.expect(s.readWrite(.read, sector: 0, pages: data), [.okay], "READ on the ring after the refused revocation")
         s.release(data)
-        try s.verifyStillServed()
     }
 }

@@ -52,11 +52,10 @@ extension AttackSession {
 let strangerDomain: UInt32 = DomainID.largest.rawValue
 
 extension Attack {
-    static let readIntoReadOnlyGrant = Attack(
+    static let readIntoReadOnlyGrant = Attack.onConnectedDevice(
         name: "read-into-readonly-grant",
         summary: "READ into pages granted read-only (direct and indirect) → BLKIF_RSP_ERROR, pages untouched"
     ) { s in
-        try s.connect()
         let readOnly = try s.grant(1, readOnly: true)
         let writable = try s.grant(1)
         try s.expectRefused(s.readWrite(.read, sector: 0, pages: readOnly), "READ into a read-only grant", canaries: readOnly)
@@ -69,14 +68,12 @@ extension Attack {
             s.release(data + indirectPages)
         }
         s.release(readOnly + writable)
-        try s.verifyStillServed()
     }
 
-    static let badGrantRef = Attack(
+    static let badGrantRef = Attack.onConnectedDevice(
         name: "bad-grant-ref",
         summary: "segments and indirect pages naming refs never granted, out of the table, or granted to another domain → error"
     ) { s in
-        try s.connect()
         let good = try s.grant(1)
         let stranger = try s.pages.grant(1, to: strangerDomain, readOnly: false)
         let cases: [(String, UInt32)] = [("a ref never granted", try s.neverGrantedRef()),
@@ -100,26 +97,22 @@ extension Attack {
             }
         }
         s.release(good + stranger)
-        try s.verifyStillServed()
     }
 
-    static let zeroSegments = Attack(
+    static let zeroSegments = Attack.onConnectedDevice(
         name: "zero-segments",
         summary: "READ and WRITE with nr_segments 0 → error (a FLUSH without data stays fine)"
     ) { s in
-        try s.connect()
         for operation in [BlkifOperation.read, .write] {
             try s.expectRefused(s.readWrite(operation, sector: 0, pages: []), "\(operation) with 0 segments")
         }
         try s.expect(s.readWrite(.flushDiskCache, sector: 0, pages: []), [.okay], "FLUSH_DISKCACHE without data (valid)")
-        try s.verifyStillServed()
     }
 
-    static let tooManySegments = Attack(
+    static let tooManySegments = Attack.onConnectedDevice(
         name: "too-many-segments",
         summary: "direct READ/WRITE claiming nr_segments 12 or 255 (BLKIF_MAX_SEGMENTS_PER_REQUEST is 11) → error"
     ) { s in
-        try s.connect()
         let data = try s.grant(Blkif.maxSegmentsPerRequest)
         for operation in [BlkifOperation.read, .write] {
             for count: UInt8 in [12, 255] {
@@ -128,14 +121,12 @@ extension Attack {
             }
         }
         s.release(data)
-        try s.verifyStillServed()
     }
 
-    static let badSegmentSectors = Attack(
+    static let badSegmentSectors = Attack.onConnectedDevice(
         name: "bad-segment-sectors",
         summary: "segments with last_sect ≥ 8 or last_sect < first_sect (alone or after a good one) → error"
     ) { s in
-        try s.connect()
         let data = try s.grant(2)
         let shapes: [(UInt8, UInt8)] = [(0, 8), (0, 255), (5, 2), (8, 8), (7, 6)]
         for operation in [BlkifOperation.read, .write] {
@@ -153,7 +144,6 @@ extension Attack {
         try s.expect(s.readWrite(.read, sector: 0, pages: [data[0]], firstSect: 2, lastSect: 5), [.okay],
                      "READ of sectors 2...5 of a page (valid)")
         s.release(data)
-        try s.verifyStillServed()
     }
 
     static let sectorOutOfRange = Attack(
@@ -186,15 +176,13 @@ extension Attack {
         try s.verifyStillServed()
     }
 
-    static let unknownOperation = Attack(
+    static let unknownOperation = Attack.onConnectedDevice(
         name: "unknown-operation",
         summary: "operations 4 (reserved), 7, 8, 100, 255 → BLKIF_RSP_EOPNOTSUPP echoing the operation"
     ) { s in
-        try s.connect()
         for raw: UInt8 in [4, 7, 8, 100, 255] {
             try s.expect(.other(operation: .unknown(raw), id: s.makeId()), [.notSupported], "operation \(raw)")
         }
-        try s.verifyStillServed()
     }
 
     static let writeOnReadOnlyDevice = Attack(
@@ -225,11 +213,10 @@ extension Attack {
         try s.verifyStillServed()
     }
 
-    static let indirectAbuse = Attack(
+    static let indirectAbuse = Attack.onConnectedDevice(
         name: "indirect-abuse",
         summary: "indirect requests with inner op other than READ/WRITE, nr_segments 0 or above feature-max-indirect-segments, bad segments in the indirect page → error"
     ) { s in
-        try s.connect()
         let offered = try s.backendIndirectSegments()
         let data = try s.grant(16)
         var granted: [GrantedPage] = []
@@ -259,6 +246,5 @@ extension Attack {
         } else {
             s.log("the backend offers \(offered) indirect segments: every indirect request above was refused as it must be")
         }
-        try s.verifyStillServed()
     }
 }

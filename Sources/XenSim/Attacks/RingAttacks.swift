@@ -48,11 +48,11 @@ func startThread(_ name: String, _ body: @escaping @Sendable () -> Void) -> Disp
 }
 
 extension Attack {
-    static let ringIndexOverflow = Attack(
+    static let ringIndexOverflow = Attack.onConnectedDevice(
         name: "ring-index-overflow",
-        summary: "req_prod pushed 2^31 entries ahead of rsp_prod → the backend stops serving that ring (a later valid request stays unanswered); closing and reconnecting the device works"
+        summary: "req_prod pushed 2^31 entries ahead of rsp_prod → the backend stops serving that ring (a later valid request stays unanswered); closing and reconnecting the device works",
+        stillServed: "after the ring was stopped"
     ) { s in
-        try s.connect()
         let queue = try s.queue
         let shared = queue.ring.shared
         let impossible = shared.responseProducer &+ 0x8000_0000
@@ -68,14 +68,12 @@ extension Attack {
         }
         s.log("the ring is no longer served; backend state \(try s.device.backendState()?.description ?? "gone")")
         s.release(data)
-        try s.verifyStillServed("after the ring was stopped")
     }
 
-    static let doubleFetch = Attack(
+    static let doubleFetch = Attack.onConnectedDevice(
         name: "double-fetch",
         summary: "XSA-155: a thread flips nr_segments, sector_number and indirect segments while the backend reads them → every answer matches one whole version (untouched canary pages), never out of bounds"
     ) { s in
-        try s.connect()
         let queue = try s.queue
         let layout = queue.ring.shared.layout
         let flipper = FlipTarget()
@@ -150,14 +148,12 @@ extension Attack {
             }
         }
         s.log("\(flipper.flips) flips; answers: \(outcomes.map { "\($0.key) \($0.value)" }.sorted().joined(separator: ", "))")
-        try s.verifyStillServed()
     }
 
-    static let eventStorm = Attack(
+    static let eventStorm = Attack.onConnectedDevice(
         name: "event-storm",
         summary: "XSA-332: notify the backend without pause and with no requests for --seconds; reads issued meanwhile must still be answered"
     ) { s in
-        try s.connect()
         let queue = try s.queue
         let channels = s.device.eventChannels
         let port = queue.port
@@ -195,7 +191,6 @@ extension Attack {
         s.log(String(format: "%.0f notifications/s for %.1f s; %d reads answered meanwhile, latency p50 %.0f us, max %.0f us",
                      Double(sent.value) / elapsed, elapsed, latencies.count, latencies[latencies.count / 2], latencies.last ?? 0))
         s.release(data)
-        try s.verifyStillServed()
     }
 }
 

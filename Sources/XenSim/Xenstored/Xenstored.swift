@@ -32,8 +32,6 @@ public final class Xenstored {
 
     /// XENSTORE_ABS_PATH_MAX.
     static let absolutePathMax = 3072
-    /// DOMID_FIRST_RESERVED: domids from here on are not real domains.
-    static let firstReservedDomid: UInt32 = 0x7FF0
     public static let introduceDomainPath = "@introduceDomain"
     public static let releaseDomainPath = "@releaseDomain"
     private static let privilegedOnly: Set<XenstoreMessageType> =
@@ -509,8 +507,8 @@ public final class Xenstored {
     }
 
     private static func domid(_ bytes: [UInt8]) -> UInt32? {
-        guard let value = number(bytes), value < UInt64(firstReservedDomid) else { return nil }
-        return UInt32(value)
+        guard let value = number(bytes).flatMap({ UInt32(exactly: $0) }) else { return nil }
+        return DomainID(rawValue: value)?.rawValue
     }
 
     /// atoi: the leading decimal digits, 0 if none (what xenstored does with these fields).
