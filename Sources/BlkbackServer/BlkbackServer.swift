@@ -61,7 +61,9 @@ struct BlkbackServer: ParsableCommand {
     @Option(help: "feature-max-indirect-segments advertised to frontends (0 = no indirect requests).")
     var maxIndirectSegments: Int = 256
 
-    @Flag(inversion: .prefixedNo, help: "Offer persistent grants (feature-persistent).")
+    // Part of the daemon's published command line, so scripts that pass it keep working; it
+    // takes effect once the data plane keeps grants mapped. Until then feature-persistent=0.
+    @Flag(inversion: .prefixedNo, help: "Offer persistent grants (feature-persistent) once the data plane does them; today feature-persistent=0 is published either way.")
     var persistentGrants = true
 
     @Option(help: "The domain this backend runs in.")

@@ -4,36 +4,6 @@ import Glibc
 import VBDInterface
 import Xenbus
 
-/// What the frontend's `state` node said, read the way xenbus_read_driver_state reads it:
-/// a missing node is Unknown (the frontend directory is gone).
-public enum FrontendStateReading: Equatable, Sendable, CustomStringConvertible {
-    /// A number; it may lie outside the states xenbus.h defines.
-    case number(Int)
-    /// Present but not a number.
-    case garbage(String)
-
-    public static let unknown = FrontendStateReading.number(XenbusState.unknown.rawValue)
-
-    /// Parses the node's value (nil = node missing).
-    public init(node value: String?) {
-        guard let value else { self = .unknown; return }
-        let trimmed = value.trimmingCharacters(in: .whitespaces)
-        if let number = Int(trimmed) { self = .number(number) } else { self = .garbage(String(value.prefix(32))) }
-    }
-
-    public var state: XenbusState? {
-        if case .number(let number) = self { return XenbusState(rawValue: number) }
-        return nil
-    }
-
-    public var description: String {
-        switch self {
-        case .number(let number): XenbusState(rawValue: number)?.description ?? "\(number)"
-        case .garbage(let text): "'\(text)'"
-        }
-    }
-}
-
 /// One step the backend takes when the frontend's state changes (xenbus.c frontend_changed).
 public enum FrontendChangeAction: Equatable, Sendable {
     /// Write our `state` (xenbus_switch_state; no write when already there).

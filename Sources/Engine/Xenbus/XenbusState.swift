@@ -12,10 +12,9 @@ public enum XenbusState: Int, Sendable, CaseIterable, CustomStringConvertible {
     case reconfiguring = 7
     case reconfigured = 8
 
-    /// Parses a `state` node's value; anything but a known number is `nil`.
+    /// Parses a `state` node's value; a missing node, or anything but a known number, is `nil`.
     public init?(node value: String?) {
-        guard let value, let number = Int(value.trimmingCharacters(in: .whitespaces)),
-              let state = XenbusState(rawValue: number) else { return nil }
+        guard let value, let state = FrontendStateReading(node: value).state else { return nil }
         self = state
     }
 
@@ -31,6 +30,36 @@ public enum XenbusState: Int, Sendable, CaseIterable, CustomStringConvertible {
         case .closed: "Closed"
         case .reconfiguring: "Reconfiguring"
         case .reconfigured: "Reconfigured"
+        }
+    }
+}
+
+/// What the frontend's `state` node said, read the way xenbus_read_driver_state reads it:
+/// a missing node is Unknown (the frontend directory is gone).
+public enum FrontendStateReading: Equatable, Sendable, CustomStringConvertible {
+    /// A number; it may lie outside the states xenbus.h defines.
+    case number(Int)
+    /// Present but not a number.
+    case garbage(String)
+
+    public static let unknown = FrontendStateReading.number(XenbusState.unknown.rawValue)
+
+    /// Parses the node's value (nil = node missing).
+    public init(node value: String?) {
+        guard let value else { self = .unknown; return }
+        let trimmed = value.trimmingCharacters(in: .whitespaces)
+        if let number = Int(trimmed) { self = .number(number) } else { self = .garbage(String(value.prefix(32))) }
+    }
+
+    public var state: XenbusState? {
+        if case .number(let number) = self { return XenbusState(rawValue: number) }
+        return nil
+    }
+
+    public var description: String {
+        switch self {
+        case .number(let number): XenbusState(rawValue: number)?.description ?? "\(number)"
+        case .garbage(let text): "'\(text)'"
         }
     }
 }
