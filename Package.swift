@@ -92,8 +92,13 @@ let package = Package(
             name: "EngineTests",
             dependencies: ["Engine", "Blkif", "ControlPlane", "DataPlane", "VBDInterface", "Xenbus", "Hypervisor", "SimHypervisor", "CXenBlkif", "CURing"]
         ),
-        .testTarget(name: "XenSimTests", dependencies: ["XenSim", "Engine", "SimHypervisor", "CXenBlkif", "CURing"]),
-        .testTarget(name: "IntegrationTests", dependencies: ["Xenbus", "XenSim"]),
+        // What tests of several targets share (they run in one process).
+        .target(name: "XenStoreTestSupport", dependencies: ["Xenbus"], path: "Tests/XenStoreTestSupport"),
+        .testTarget(
+            name: "XenSimTests",
+            dependencies: ["XenSim", "Engine", "SimHypervisor", "CXenBlkif", "CURing", "XenStoreTestSupport"]
+        ),
+        .testTarget(name: "IntegrationTests", dependencies: ["Xenbus", "XenSim", "XenStoreTestSupport"]),
         .testTarget(
             name: "APITests",
             dependencies: ["API", "Engine", "Blkif", "ControlPlane", "DataPlane", "VBDInterface", "Xenbus", "Hypervisor", "CURing"]

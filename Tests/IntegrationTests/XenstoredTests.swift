@@ -1,21 +1,7 @@
-import Xenbus
 import Foundation
 import Testing
-
-/// libxenstore reads XENSTORED_PATH when a handle is opened; opening handles to different
-/// sockets from parallel tests must not interleave their setenv calls.
-private let environmentLock = NSLock()
-
-private func openXenStore(_ socket: String) throws -> XenStore {
-    try environmentLock.withLock {
-        let previous = getenv("XENSTORED_PATH").map { String(cString: $0) }
-        setenv("XENSTORED_PATH", socket, 1)
-        defer {
-            if let previous { setenv("XENSTORED_PATH", previous, 1) } else { unsetenv("XENSTORED_PATH") }
-        }
-        return try XenStore()
-    }
-}
+import Xenbus
+import XenStoreTestSupport
 
 /// The simulated xenstored through real clients: Debian's xenstore-utils and libxenstore.
 @Suite(.serialized) struct XenstoredIntegrationTests {
@@ -61,7 +47,7 @@ private func openXenStore(_ socket: String) throws -> XenStore {
     @Test func guestSocketCarriesTheGuestsPermissions() throws {
         let sim = try Simulator("xs-guest")
         defer { sim.stop() }
-        let dom0 = try openXenStore(sim.xenstoredSocket)
+        let dom0 = try openXenStore(socket: sim.xenstoredSocket)
         try dom0.write("/local/domain/0/secret", "x")
         try dom0.mkdir("/local/domain/3")
         try dom0.setPermissions("/local/domain/3", [XenStorePermission(domid: 3, access: .none)])
@@ -71,7 +57,7 @@ private func openXenStore(_ socket: String) throws -> XenStore {
         let socket = sim.guestEnvironment(3)["XENSTORED_PATH"]!
         #expect(FileManager.default.fileExists(atPath: socket), "ready when INTRODUCE returns")
 
-        let guest = try openXenStore(socket)
+        let guest = try openXenStore(socket: socket)
         #expect(throws: XenStoreError.self) { try guest.read("/local/domain/0/secret") }
         do {
             _ = try guest.read("/local/domain/0/secret")
@@ -102,8 +88,8 @@ private func openXenStore(_ socket: String) throws -> XenStore {
     @Test func conflictingTransactionCommitGetsEAGAIN() throws {
         let sim = try Simulator("xs-tx")
         defer { sim.stop() }
-        let first = try openXenStore(sim.xenstoredSocket)
-        let second = try openXenStore(sim.xenstoredSocket)
+        let first = try openXenStore(socket: sim.xenstoredSocket)
+        let second = try openXenStore(socket: sim.xenstoredSocket)
         try first.write("/local/domain/0/counter", "0")
         let a = try first.startTransaction()
         let b = try second.startTransaction()
@@ -149,7 +135,7 @@ private func openXenStore(_ socket: String) throws -> XenStore {
         try socket.send([11, 0, 0, 0] + [0, 0, 0, 0] + [0, 0, 0, 0] + [3, 0, 0, 0] + Array("/a".utf8))
         socket.close()
 
-        let store = try openXenStore(sim.xenstoredSocket)
+        let store = try openXenStore(socket: sim.xenstoredSocket)
         try store.write("/local/domain/0/alive", "yes")
         #expect(try store.read("/local/domain/0/alive") == "yes")
         #expect(try sim.xenstore("xenstore-read", ["/local/domain/0/alive"]).stdout == "yes\n")

@@ -5,6 +5,7 @@ import Logging
 import SimHypervisor
 import Synchronization
 import Testing
+import XenStoreTestSupport
 import XenSim
 
 /// A logger for the in-process services that shows only what went wrong.
@@ -12,24 +13,6 @@ func quietLogger(_ label: String) -> Logger {
     var logger = Logger(label: label)
     logger.logLevel = .warning
     return logger
-}
-
-/// Serializes our own changes of the environment.
-private let environmentLock = NSLock()
-
-/// A libxenstore connection to `socket`. libxenstore reads the socket only from
-/// XENSTORED_PATH, in xs_open: the variable is set just around the open and restored at
-/// once, because children other suites spawn meanwhile (blkback-server --sim, which only
-/// sets XENSTORED_PATH when it is unset) inherit this process's environment.
-func openXenStore(socket: String) throws -> XenStore {
-    try environmentLock.withLock {
-        let previous = getenv("XENSTORED_PATH").map { String(cString: $0) }
-        setenv("XENSTORED_PATH", socket, 1)
-        defer {
-            if let previous { setenv("XENSTORED_PATH", previous, 1) } else { unsetenv("XENSTORED_PATH") }
-        }
-        return try XenStore()
-    }
 }
 
 /// What `xensim run` serves, in this process: xenstored and the event-channel broker on one

@@ -191,8 +191,9 @@ import XenSim
 
             try rig.detach()
             #expect(rig.toolstackWarnings.isEmpty, "the backend did not close in time")
+            // (The frontend directory is not checked: the guest, still running, may write its
+            // own state again after the toolstack removed it, as a guest kernel could.)
             #expect(try rig.store.read(rig.backendPath) == nil)
-            #expect(try rig.store.read(rig.frontendPath) == nil)
             #expect(rig.waitForSnapshots { $0.isEmpty })
             // The guest saw its disk go away: its run ends by itself, with an error. Either it
             // saw online=0 ("detached"), or it read the backend's state only once the
@@ -278,13 +279,9 @@ import XenSim
             rig.manager.stop()
         }
         #expect(releasedRig == nil)
-        withKnownIssue("""
-            BackendManager.start() keeps its Thread in `thread`, and the thread's closure holds the \
-            manager: a started manager is never freed, nor its XenStore connection, wakeup pipe and \
-            data plane (whose grant mapper keeps the guest's memory and grant files open).
-            """) {
-            #expect(releasedManager == nil)
-        }
+        // stop() lets go of the control-plane thread, whose closure holds the manager until
+        // the thread has really ended (a moment after stop() returns).
+        #expect(eventually { releasedManager == nil })
     }
 }
 

@@ -74,6 +74,8 @@ public final class BackendManager: @unchecked Sendable {
         guard running else { return }
         wakeup.signal()
         finished.wait()
+        // The thread's closure holds the manager: let go of it, or neither is ever freed.
+        lock.withLock { thread = nil }
     }
 
     /// Copies of every VBD's state, ordered by kind, domid, devid; the data-path counters are

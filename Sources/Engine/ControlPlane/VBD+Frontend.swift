@@ -16,6 +16,11 @@ extension VBD {
                 // waiting across a daemon restart) is not a new close: keep offering it;
                 // blkfront connects from Closed when it sees InitWait.
                 return .keep
+            } else if reading.state == .initialising, backendState == .closed {
+                // Nor is an unchanged Initialising a frontend starting over (that one passes
+                // through Closed first): it is the watch's first event arriving after an
+                // operator closed the device, which must stay closed.
+                return .keep
             }
             frontendState = reading
             let actions = frontendChanged(backend: backendState, frontend: reading, online: try isOnline())

@@ -109,7 +109,11 @@ final class BackgroundProcess: @unchecked Sendable {
     init(_ program: String, _ arguments: [String], environment: [String: String] = [:]) throws {
         process.executableURL = URL(fileURLWithPath: program)
         process.arguments = arguments
-        process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        // XENSTORED_PATH only when a test gives it: in-process suites point this process's own
+        // at a socket of theirs (XenSimTests' openXenStore), which no child should inherit.
+        var inherited = ProcessInfo.processInfo.environment
+        inherited["XENSTORED_PATH"] = nil
+        process.environment = inherited.merging(environment) { $1 }
         let out = Pipe(), err = Pipe()
         process.standardOutput = out
         process.standardError = err
