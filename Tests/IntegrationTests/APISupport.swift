@@ -95,7 +95,7 @@ final class APIRig: @unchecked Sendable {
         for header in headers { arguments += ["-H", header] }
         if let body {
             let file = sim.directory.appendingPathComponent("body-\(UUID().uuidString)").path
-            FileManager.default.createFile(atPath: file, contents: Data(body))
+            guard FileManager.default.createFile(atPath: file, contents: Data(body)) else { throw HarnessError("cannot write \(file)") }
             arguments += ["--data-binary", "@" + file]
         }
         let result = try Harness.run("curl", arguments + [base + path], timeout: 40)

@@ -75,18 +75,8 @@ public enum BackingSource: Hashable, Sendable, CustomStringConvertible {
     }
 }
 
-/// Why a backing store could not be opened: errno plus one line.
-public struct BackingStoreError: ErrnoCarrying, Equatable, Sendable {
-    public var errno: Int32
-    public var message: String
-
-    public init(errno: Int32, message: String) {
-        self.errno = errno
-        self.message = message
-    }
-
-    public var description: String { message }
-}
+/// Why a backing store could not be opened: errno plus one line, as the error node takes it.
+public typealias BackingStoreError = XenbusFailure
 
 /// An open regular file or block device backing a VBD. The descriptor stays open until the
 /// last reference goes away, so the data plane can finish in-flight I/O after the control
