@@ -240,6 +240,10 @@ struct BlkbackServer: ParsableCommand {
         // The API first: no new commands reach a control plane that is closing devices.
         server.stop()
         manager.stop()
+        // Everything the frontends need is written; what is left (the xenstore connection and
+        // its watch thread, which libxenstore would cancel in xs_close) goes with the process.
+        logger.info("stopped")
+        Foundation.exit(0)
     }
 
     /// One line on stderr and the exit code: what failed and what to do.
