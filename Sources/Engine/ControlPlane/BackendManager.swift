@@ -1,4 +1,3 @@
-import Blkif
 import Foundation
 import Glibc
 import Logging
@@ -90,7 +89,7 @@ public final class BackendManager: @unchecked Sendable {
 
     /// Carries out an operator's state command on the control-plane thread and waits (at
     /// most `timeout` seconds) for its answer: the VBD as it is right after the command.
-    /// `kind` nil: the first served kind that has this domid/devid. Safe from any thread;
+    /// The selector picks the VBD as the API's GET does (`VBDSelector.pick`). Safe from any thread;
     /// never touches the data plane's threads.
     public func perform(_ command: VBDStateCommand, on selector: VBDSelector,
                         timeout: Double) -> Result<VBDSnapshot, VBDCommandError> {

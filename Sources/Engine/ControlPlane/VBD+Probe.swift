@@ -19,9 +19,7 @@ extension VBD {
             if try backend("script") == nil, try backend("physical-device") == nil, let params = try backend("params") {
                 disk.requestedTarget = params
                 let source: BackingSource
-                do { source = try BackingSource.params(params) } catch {
-                    throw XenbusFailure(errno: error.errno, message: "creating vbd structure: \(error.message)")
-                }
+                do { source = try BackingSource.params(params) } catch { throw Self.creatingVBD(error) }
                 guard openBackingStore(source) else { return }
             }
             // What the frontend says now, before the watch fires with it (see frontendStateChanged).
@@ -97,7 +95,8 @@ extension VBD {
     /// Opens the store with the access `mode` grants; a failure is fatal for this device only.
     private func openBackingStore(_ source: BackingSource) -> Bool {
         do {
-            let opened = try BackingStore.open(source, readOnly: disk.mode != .write)
+            let opened: BackingStore
+            do { opened = try BackingStore.open(source, readOnly: disk.mode != .write) } catch { throw Self.creatingVBD(error) }
             disk.store = opened
             disk.info = try vdiskInfo(readOnly: opened.readOnly)
             logger.info("opened \(opened.path) (\(opened.sectors) sectors of 512 bytes, sector size \(opened.logicalSectorSize), \(opened.readOnly ? "read-only" : "read-write"))")
@@ -106,6 +105,11 @@ extension VBD {
             fatal(error, during: "creating vbd structure", fallback: EIO)
         }
         return false
+    }
+
+    /// A backing store's refusal as xen_vbd_create reports it.
+    private static func creatingVBD(_ error: BackingStoreError) -> XenbusFailure {
+        XenbusFailure(errno: error.errno, message: "creating vbd structure: \(error.message)")
     }
 
     /// device-type=cdrom (the kernel reads the frontend's; libxl writes it on both sides),
