@@ -165,6 +165,7 @@ expected = {
     "blkback_requests_out_of_resources_total": stats["oo_req"],
     "blkback_request_errors_total": stats["errors"],
     "blkback_io_now": stats["inflight"],
+    "blkback_persistent_grants": stats["persistent_grants"],
     "blkback_request_duration_seconds_count:read": stats["rd_req"],
     "blkback_request_duration_seconds_count:write": stats["wr_req"],
     "blkback_vbd_state": 4,

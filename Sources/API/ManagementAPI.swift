@@ -182,6 +182,7 @@ public struct ManagementAPI: Sendable {
             ("queues", .integer(Int64(vbd.queues))),
             ("ring_page_order", .integer(Int64(vbd.ringPageOrder))),
             ("persistent_grants", .bool(vbd.persistentGrants)),
+            ("io_mode", vbd.ioMode.map { .string($0.rawValue) } ?? .null),
             ("max_indirect_segments", .integer(Int64(vbd.maxIndirectSegments))),
             ("features", .object([("flush", .bool(vbd.features.flush)), ("barrier", .bool(vbd.features.barrier)),
                                   ("discard", .bool(vbd.features.discard))])),
@@ -196,6 +197,7 @@ public struct ManagementAPI: Sendable {
             ("f_req", statistics.flushRequests), ("ds_req", statistics.discardRequests),
             ("oo_req", statistics.outOfResources), ("rd_sect", statistics.readSectors),
             ("wr_sect", statistics.writeSectors), ("errors", statistics.errors), ("inflight", statistics.inflight),
+            ("persistent_grants", statistics.persistentGrants),
         ]
         return .object(counters.map { ($0.0, .integer(Int64(clamping: $0.1))) })
     }

@@ -53,6 +53,8 @@ public enum MetricsExposition {
         }
         family("blkback_io_now", "gauge", "Requests taken off the rings and not answered yet.")
         for (_, labels, statistics) in devices { sample("blkback_io_now", labels, "\(statistics.inflight)") }
+        family("blkback_persistent_grants", "gauge", "Guest grants kept mapped across requests (feature-persistent), over the rings.")
+        for (_, labels, statistics) in devices { sample("blkback_persistent_grants", labels, "\(statistics.persistentGrants)") }
 
         let histogram = "blkback_request_duration_seconds"
         family(histogram, "histogram", "Time from taking a request off the ring to writing its response, since connect.")

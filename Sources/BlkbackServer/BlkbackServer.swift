@@ -61,10 +61,11 @@ struct BlkbackServer: ParsableCommand {
     @Option(help: "feature-max-indirect-segments advertised to frontends (0 = no indirect requests).")
     var maxIndirectSegments: Int = 256
 
-    // Part of the daemon's published command line, so scripts that pass it keep working; it
-    // takes effect once the data plane keeps grants mapped. Until then feature-persistent=0.
-    @Flag(inversion: .prefixedNo, help: "Offer persistent grants (feature-persistent) once the data plane does them; today feature-persistent=0 is published either way.")
+    @Flag(inversion: .prefixedNo, help: "Offer persistent grants (feature-persistent): a frontend that uses them has its pages mapped once, not per request.")
     var persistentGrants = true
+
+    @Option(help: "Grants each ring keeps mapped with persistent grants (least recently used purged first; 0...65536).")
+    var maxPersistentGrants: Int = BackendConfiguration.defaultMaxPersistentGrants
 
     @Option(help: "The domain this backend runs in.")
     var domid: UInt32 = 0
@@ -108,7 +109,7 @@ struct BlkbackServer: ParsableCommand {
         let configuration = BackendConfiguration(
             domid: domid, kinds: kinds.isEmpty ? ["vbd"] : kinds, maxQueues: maxQueues,
             maxRingPageOrder: maxRingPageOrder, maxIndirectSegments: maxIndirectSegments,
-            persistentGrants: persistentGrants)
+            persistentGrants: persistentGrants, maxPersistentGrants: maxPersistentGrants)
         if let problem = configuration.validationError { fail(problem, code: 2) }
 
         let address: ListenAddress
@@ -230,7 +231,7 @@ struct BlkbackServer: ParsableCommand {
             serving \(configuration.kinds.map { "backend/\($0)" }.joined(separator: ", ")) of domain \(domid) \
             through xenstored at \(XenStore.socketDescription); max-queues \(maxQueues), \
             max-ring-page-order \(maxRingPageOrder), max-indirect-segments \(maxIndirectSegments), \
-            persistent grants not implemented (feature-persistent=0)
+            persistent grants \(persistentGrants ? "offered (at most \(maxPersistentGrants) mapped per ring)" : "not offered")
             """)
 
         var signals = stopSignals

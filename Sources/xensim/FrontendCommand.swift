@@ -15,8 +15,9 @@ struct FrontendCommand: ParsableCommand {
             Negotiates through the guest's own xenstore socket (DIR/dom<N>.sock) like Linux \
             xen-blkfront: rings and event channels in one transaction, Initialised, then Connected \
             once the backend is. Requests above the backend's offers are clamped (queues, ring \
-            page order, indirect segments). Persistent grants are not implemented: \
-            feature-persistent=0 is always written.
+            page order, indirect segments). With persistent grants (the default, when the \
+            backend offers them) each ring keeps a pool of pages granted once and copies data \
+            through them, as blkfront does; --no-persistent grants pages per request.
 
             Every written 512-byte sector carries its sector number, a generation and a pattern \
             derived from both; every read is checked (what this run last wrote there, else zeros \
@@ -55,7 +56,7 @@ struct FrontendCommand: ParsableCommand {
 
     @Option(help: "Queues (rings) to ask for; clamped to multi-queue-max-queues.") var queues: Int = 1
     @Option(help: "Ring page order to ask for; clamped to max-ring-page-order.") var ringPageOrder: Int = 0
-    @Flag(inversion: .prefixedNo, help: "Ask for persistent grants (not implemented yet: always off).")
+    @Flag(inversion: .prefixedNo, help: "Ask for persistent grants (feature-persistent).")
     var persistent = true
     @Flag(help: "Do not use indirect segments even if the backend offers them.") var noIndirect = false
     @Option(help: "Most segments per indirect request (blkfront's max_indirect_segments).")

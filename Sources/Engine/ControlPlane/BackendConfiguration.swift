@@ -22,15 +22,25 @@ public struct BackendConfiguration: Sendable, Equatable {
     public var maxIndirectSegments: Int
     /// feature-persistent offered to frontends.
     public var persistentGrants: Bool
+    /// Grants each ring keeps mapped at most with feature-persistent (Linux blkback's
+    /// max_persistent_grants, default 1056); requests past it map their pages for themselves.
+    public var maxPersistentGrants: Int
+
+    /// Linux blkback's default max_persistent_grants.
+    public static let defaultMaxPersistentGrants = 1056
+    /// Beyond this a ring could pin more of dom0's grant mappings than a ring can use at once.
+    public static let persistentGrantLimit = 65536
 
     public init(domid: UInt32 = 0, kinds: [String] = ["vbd"], maxQueues: Int = 4, maxRingPageOrder: Int = 4,
-                maxIndirectSegments: Int = 256, persistentGrants: Bool = true) {
+                maxIndirectSegments: Int = 256, persistentGrants: Bool = true,
+                maxPersistentGrants: Int = BackendConfiguration.defaultMaxPersistentGrants) {
         self.domid = domid
         self.kinds = kinds
         self.maxQueues = maxQueues
         self.maxRingPageOrder = maxRingPageOrder
         self.maxIndirectSegments = maxIndirectSegments
         self.persistentGrants = persistentGrants
+        self.maxPersistentGrants = maxPersistentGrants
     }
 
     /// One line naming the first setting outside what blkif allows, or nil when all are valid.
@@ -45,6 +55,9 @@ public struct BackendConfiguration: Sendable, Equatable {
         }
         if maxIndirectSegments < 0 || maxIndirectSegments > Self.indirectSegmentLimit {
             return "max-indirect-segments \(maxIndirectSegments) is outside 0...\(Self.indirectSegmentLimit)"
+        }
+        if maxPersistentGrants < 0 || maxPersistentGrants > Self.persistentGrantLimit {
+            return "max-persistent-grants \(maxPersistentGrants) is outside 0...\(Self.persistentGrantLimit)"
         }
         return nil
     }

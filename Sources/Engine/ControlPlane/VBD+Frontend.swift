@@ -71,7 +71,8 @@ extension VBD {
         }
         let request = DataPlaneRequest(vbd: identity, backingStore: backingStore, rings: description,
                                        maxIndirectSegments: context.configuration.maxIndirectSegments,
-                                       discardEnabled: XenbusValue.flag(try? backend("discard-enable"), default: true))
+                                       discardEnabled: XenbusValue.flag(try? backend("discard-enable"), default: true),
+                                       maxPersistentGrants: context.configuration.maxPersistentGrants)
         let connected: any ConnectedRings
         do {
             connected = try dataPlane.connect(request)
@@ -96,8 +97,8 @@ extension VBD {
             ("feature-flush-cache", features.flush ? "1" : "0"),
             ("feature-barrier", features.barrier ? "1" : "0"),
             ("feature-discard", features.discard ? "1" : "0"),
-            // Only what the data plane really does, whatever the configuration offers.
-            ("feature-persistent", features.persistentGrants ? "1" : "0"),
+            // The offer, as Linux blkback publishes it: used only where the frontend offered too.
+            ("feature-persistent", context.configuration.persistentGrants ? "1" : "0"),
             ("sectors", "\(backingStore.sectors)"),
             ("info", "\(disk.info.rawValue)"),
             ("sector-size", "\(backingStore.logicalSectorSize)"),

@@ -117,6 +117,6 @@ final class VBD {
                            ringPageOrder: description?.ringPageOrder ?? 0,
                            persistentGrants: (description?.persistentGrants ?? false) && rings.features.persistentGrants,
                            maxIndirectSegments: context.configuration.maxIndirectSegments,
-                           features: rings.features, statistics: rings.connection?.statistics, error: lastError)
+                           features: rings.features, ioMode: rings.connection?.ioMode, statistics: rings.connection?.statistics, error: lastError)
     }
 }

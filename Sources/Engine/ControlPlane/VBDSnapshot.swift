@@ -35,6 +35,8 @@ public struct VBDSnapshot: Sendable, Equatable {
     public var persistentGrants: Bool
     public var maxIndirectSegments: Int
     public var features: BlockFeatures
+    /// How the rings' I/O is served; nil while not connected.
+    public var ioMode: IOMode?
     /// Data-path counters since connect; nil while not connected.
     public var statistics: VBDStatistics?
     /// The last xenbus_dev_fatal line ("<errno> <message>"), if any.

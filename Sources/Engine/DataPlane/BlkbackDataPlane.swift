@@ -7,8 +7,9 @@ import Synchronization
 import VBDInterface
 
 /// The data plane of Linux xen-blkback (blkback.c) over the hypervisor ports and io_uring:
-/// one worker thread per ring. No persistent grants: every request maps its grants and
-/// unmaps them before it is answered.
+/// one worker thread per ring. With feature-persistent agreed, each ring keeps the guest's
+/// pages mapped across requests (RingGrants); otherwise each batch of requests maps its pages
+/// and every request unmaps them before it is answered.
 public final class BlkbackDataPlane: DataPlane {
     private let services: HypervisorServices
     private let logger: Logger
@@ -24,13 +25,16 @@ public final class BlkbackDataPlane: DataPlane {
         logger[metadataKey: "vbd"] = "\(request.vbd)"
         let store = request.backingStore
         let io = try IODescriptor(store: store, allowDirect: services.grants.unmapIsSynchronousAfterDirectIO)
-        let features = Self.features(of: store, io: io, discardEnabled: request.discardEnabled)
+        var features = Self.features(of: store, io: io, discardEnabled: request.discardEnabled)
+        features.persistentGrants = request.rings.persistentGrants
+        let ioMode: IOMode = !io.direct ? .buffered : features.persistentGrants ? .directPersistent : .directMap
         let maxIndirect = min(max(request.maxIndirectSegments, 0), Blkif.maxIndirectSegments)
         let device = DeviceContext(
             domid: request.vbd.domid.rawValue, descriptor: io.descriptor,
             limits: BlkifRequestLimits(sectors: store.sectors, readOnly: store.readOnly, maxIndirectSegments: maxIndirect,
                                        sectorsPerBlock: UInt64(max(store.logicalSectorSize, 512) / 512)),
-            features: features)
+            features: features, ringRefs: Set(request.rings.queues.flatMap(\.ringRefs)),
+            persistentGrants: features.persistentGrants, maxPersistentGrants: request.maxPersistentGrants)
 
         var workers: [RingWorker] = []
         do {
@@ -46,10 +50,11 @@ public final class BlkbackDataPlane: DataPlane {
             worker.start(name: "blkback.\(request.vbd.domid).\(request.vbd.devid)-\(worker.queue)")
         }
         logger.info("""
-            serving \(workers.count) ring(s) on \(store.path) (\(io.direct ? "direct I/O" : "buffered I/O"); \
+            serving \(workers.count) ring(s) on \(store.path) (io_mode \(ioMode.rawValue)\
+            \(features.persistentGrants ? ", up to \(request.maxPersistentGrants) persistent grants per ring" : ""); \
             flush, barrier\(features.discard ? ", discard" : "")\(maxIndirect > 0 ? ", \(maxIndirect) indirect segments" : ""))
             """)
-        return ConnectedVBD(workers: workers, io: io, features: features, logger: logger)
+        return ConnectedVBD(workers: workers, io: io, features: features, ioMode: ioMode, logger: logger)
     }
 
     /// Maps one queue's ring pages, binds its event channel on a handle of its own and
@@ -156,16 +161,18 @@ final class IODescriptor: Sendable {
 /// One VBD's rings while served.
 final class ConnectedVBD: ConnectedRings {
     let features: BlockFeatures
+    let ioMode: IOMode
     private let workers: [RingWorker]
     private let io: IODescriptor
     private let logger: Logger
     /// Released once; later disconnect() calls only report true.
     private let released = Mutex(false)
 
-    init(workers: [RingWorker], io: IODescriptor, features: BlockFeatures, logger: Logger) {
+    init(workers: [RingWorker], io: IODescriptor, features: BlockFeatures, ioMode: IOMode, logger: Logger) {
         self.workers = workers
         self.io = io
         self.features = features
+        self.ioMode = ioMode
         self.logger = logger
     }
 

@@ -17,6 +17,11 @@ struct DeviceContext: Sendable {
     /// Everything a request is validated against, the logical block size included.
     let limits: BlkifRequestLimits
     let features: BlockFeatures
+    /// The grant refs of every ring page of the device: never accepted as data.
+    let ringRefs: Set<UInt32>
+    /// feature-persistent agreed, and the persistent grants each ring may keep mapped.
+    let persistentGrants: Bool
+    let maxPersistentGrants: Int
 }
 
 /// One request between being taken off the ring and being answered (blkback's pending_req).
@@ -31,7 +36,10 @@ private final class RequestSlot {
     /// nil for operations without a latency histogram (unknown ones).
     var kind: BlockOperationKind?
     var status = BlkifResponseStatus.okay
-    var mapping: GrantMapping?
+    /// The data segments (copied off the ring or out of the indirect pages) and their pages.
+    var segments: [BlkifSegment] = []
+    let data = RequestGrants(capacity: Blkif.maxSegmentsPerRequest)
+    let indirect = RequestGrants(capacity: Blkif.maxIndirectPagesPerRequest)
     var isWrite = false
     var offset: UInt64 = 0
     var bytes: UInt64 = 0
@@ -48,6 +56,7 @@ private final class RequestSlot {
     init() {
         vectorCapacity = Blkif.maxSegmentsPerRequest
         vectors = .allocate(capacity: vectorCapacity)
+        segments.reserveCapacity(Blkif.maxSegmentsPerRequest)
     }
 
     deinit { vectors.deallocate() }
@@ -62,8 +71,8 @@ private final class RequestSlot {
 
 /// Serves one shared ring on its own thread (blkback's xen_blkif_schedule): waits in poll()
 /// on its event channel, its io_uring's completion eventfd and a wakeup eventfd; takes
-/// requests with the final-check rule, maps their grants, submits them to io_uring and
-/// answers them as they complete.
+/// requests with the final-check rule, maps the grants of each batch taken together, submits
+/// them to io_uring and answers them as they complete.
 final class RingWorker: @unchecked Sendable {
     /// Requests taken per pass before completions are looked at again (XSA-332: an event
     /// storm or a full ring cannot monopolise the thread).
@@ -75,7 +84,7 @@ final class RingWorker: @unchecked Sendable {
     let localPort: UInt32
     let statistics = RingStatistics()
     private let eventChannels: any EventChannels
-    private let grants: any GrantMapper
+    private let grants: RingGrants
     private let ringMapping: GrantMapping
     private let device: DeviceContext
     private var ring: BackRing
@@ -99,8 +108,10 @@ final class RingWorker: @unchecked Sendable {
     private var submissionsQueued = false
     private var responsesQueued = false
     private var halted = false
-    private var segments: [BlkifSegment] = []
+    /// Requests of the current batch whose grants are mapped together at its end.
+    private var awaitingGrants: [Int] = []
     private var lastWarning: UInt64 = 0
+    private var publishedPersistentGrants: UInt64 = 0
 
     /// Takes ownership of `eventChannels` (bound to `localPort`) and `ringMapping`; releases
     /// them in `release()` once the thread has stopped.
@@ -117,7 +128,8 @@ final class RingWorker: @unchecked Sendable {
         self.queue = queue
         self.localPort = localPort
         self.eventChannels = eventChannels
-        self.grants = grants
+        self.grants = RingGrants(mapper: grants, domain: device.domid, ringRefs: device.ringRefs,
+                                 persistent: device.persistentGrants, capacity: device.maxPersistentGrants)
         self.ringMapping = ringMapping
         self.device = device
         ring = BackRing(attaching: shared)
@@ -155,10 +167,11 @@ final class RingWorker: @unchecked Sendable {
         hasExited || exitSignal.wait(timeout: .now() + .milliseconds(milliseconds)) == .success
     }
 
-    /// Once the thread exited (waits for it) or never started: unbind the event channel,
-    /// unmap the ring.
+    /// Once the thread exited (waits for it) or never started: unmap the persistent grants,
+    /// unbind the event channel, unmap the ring.
     func release() {
         if started && !hasExited { exitSignal.wait() }
+        for failure in grants.releaseAll() { logger.warning("unmapping persistent grants: \(failure)") }
         do { try eventChannels.unbind(localPort) } catch { logger.debug("unbinding port \(localPort): \(error)") }
         do { try ringMapping.unmap() } catch { logger.warning("unmapping the ring: \(error)") }
     }
@@ -173,8 +186,9 @@ final class RingWorker: @unchecked Sendable {
             let stopping = stopRequested.load(ordering: .acquiring)
             if stopping && inflight == 0 { break }
             let canTake = !stopping && !halted && heldBarrier == nil
-            // More to take or to submit: only peek at the descriptors.
-            let timeout: Int32 = (canTake && moreToDo) ? 0 : (submissionsQueued ? 1 : -1)
+            // More to take or to submit: only peek at the descriptors. Persistent grants wake
+            // an idle ring once a second, so unused ones are released after 60 s.
+            let timeout: Int32 = (canTake && moreToDo) ? 0 : (submissionsQueued ? 1 : (grants.persistentCount > 0 ? 1000 : -1))
             let ready = poll(&descriptors, nfds_t(descriptors.count), timeout)
             if ready < 0 && errno != EINTR {
                 logger.critical("poll failed: \(String(cString: strerror(errno))); ring stopped")
@@ -195,6 +209,7 @@ final class RingWorker: @unchecked Sendable {
             }
             submit()
             pushResponses()
+            purgePersistentGrants()
         }
         logger.debug("ring worker stopped")
     }
@@ -216,6 +231,7 @@ final class RingWorker: @unchecked Sendable {
 
     private func takeRequests() {
         var taken = 0
+        defer { mapAwaitingGrants() }
         do {
             while true {
                 if try ring.unconsumedRequests() == 0 {
@@ -252,8 +268,8 @@ final class RingWorker: @unchecked Sendable {
             if (rw.operation == .writeBarrier && !device.features.barrier) || (rw.operation == .flushDiskCache && !device.features.flush) {
                 return fail(index, .notSupported, "\(rw.operation) not offered")
             }
-            segments.removeAll(keepingCapacity: true)
-            segments.append(contentsOf: rw.segments)
+            slots[index].segments.removeAll(keepingCapacity: true)
+            slots[index].segments.append(contentsOf: rw.segments)
             prepareTransfer(index, isWrite: rw.operation != .read, sectorNumber: rw.sectorNumber)
         case .indirect(let indirect):
             guard readIndirectSegments(indirect, slot: index) else { return }
@@ -323,19 +339,27 @@ final class RingWorker: @unchecked Sendable {
         }
     }
 
-    /// Maps the indirect pages read-only, reads the segments once, unmaps, validates.
+    /// Maps the indirect pages (through the persistent grants when in use), reads the
+    /// segments once, lets the pages go, validates.
     private func readIndirectSegments(_ request: BlkifRequest.Indirect, slot index: Int) -> Bool {
-        let pages: GrantMapping
-        do {
-            pages = try grants.map(domain: device.domid, refs: Array(request.indirectGrefs), writable: false)
+        let slot = slots[index]
+        let pages = slot.indirect
+        pages.reset(refs: request.indirectGrefs, writesGuestPages: false)
+        do throws(GrantRefusal) {
+            try grants.plan(pages, now: slot.started)
         } catch {
-            fail(index, .error, "mapping indirect pages: \(error)")
+            fail(index, .error, "indirect pages: \(error)")
             return false
         }
-        BlkifIndirectPage.readSegments(of: request, pages: (0..<pages.pageCount).map { UnsafeRawPointer(pages.page($0)) },
-                                       into: &segments)
-        do { try pages.unmap() } catch { warn("unmapping indirect pages: \(error)") }
-        return validate(index) { () throws(BlkifRequestError) in try request.validate(segments: segments, for: device.limits) }
+        grants.mapMissing(CollectionOfOne(pages))
+        if let refusal = pages.refusal {
+            fail(index, .error, "indirect pages: \(refusal)")
+            return false
+        }
+        BlkifIndirectPage.readSegments(of: request, pages: (0..<pages.refs.count).lazy.map { UnsafeRawPointer(pages.page($0)) },
+                                       into: &slot.segments)
+        for failure in grants.release(pages) { warn("unmapping indirect pages: \(failure)") }
+        return validate(index) { () throws(BlkifRequestError) in try request.validate(segments: slot.segments, for: device.limits) }
     }
 
     /// READ, WRITE, WRITE_BARRIER, FLUSH_DISKCACHE (with or without data), direct or indirect,
@@ -347,25 +371,51 @@ final class RingWorker: @unchecked Sendable {
         // additionally waits for everything before it (Linux blkback drains, then writes).
         slot.flushAfter = barrier || slot.operation == .flushDiskCache
         slot.isWrite = isWrite
+        // Nothing after a barrier is taken until it is done.
+        if barrier { heldBarrier = index }
         // A flush without data carries no meaningful sector: Linux blkfront sends blk-mq's
         // (sector_t)-1 there, which must not be scaled (it overflowed: found on real Xen).
         // With segments the range is validated, so the byte offset fits.
-        slot.offset = segments.isEmpty ? 0 : sectorNumber * UInt64(Blkif.sectorSize)
-        if !segments.isEmpty {
-            do {
-                // READ fills the guest's pages: writable mapping; WRITE only reads them.
-                slot.mapping = try grants.map(domain: device.domid, refs: segments.map(\.gref), writable: !isWrite)
-            } catch {
-                return fail(index, .error, "mapping data pages: \(error)")
+        slot.offset = slot.segments.isEmpty ? 0 : sectorNumber * UInt64(Blkif.sectorSize)
+        guard !slot.segments.isEmpty else { return startTransfer(index) }
+        // READ fills the guest's pages (writable mapping); WRITE only reads them.
+        slot.data.reset(refs: slot.segments.lazy.map(\.gref), writesGuestPages: !isWrite)
+        do throws(GrantRefusal) {
+            try grants.plan(slot.data, now: slot.started)
+        } catch {
+            return fail(index, .error, "data pages: \(error)")
+        }
+        awaitingGrants.append(index)
+    }
+
+    /// The batch's grants the persistent ones did not cover, mapped together; then each
+    /// request of the batch starts in the order it was taken.
+    private func mapAwaitingGrants() {
+        guard !awaitingGrants.isEmpty else { return }
+        grants.mapMissing(awaitingGrants.lazy.map { self.slots[$0].data })
+        for index in awaitingGrants {
+            if let refusal = slots[index].data.refusal {
+                fail(index, .error, "data pages: \(refusal)")
+            } else {
+                startTransfer(index)
             }
+        }
+        awaitingGrants.removeAll(keepingCapacity: true)
+    }
+
+    /// The request's pages are mapped: I/O vectors, counters, then submission (a barrier
+    /// first waits for everything before it).
+    private func startTransfer(_ index: Int) {
+        let slot = slots[index]
+        if !slot.segments.isEmpty {
             buildVectors(slot)
             let sectors = slot.bytes / UInt64(Blkif.sectorSize)
+            let isWrite = slot.isWrite
             statistics.update { if isWrite { $0.writeSectors += sectors } else { $0.readSectors += sectors } }
         }
         slot.stage = slot.vectorCount > 0 ? .data : .flush
-        if barrier {
+        if heldBarrier == index {
             slot.stage = .waitingForDrain
-            heldBarrier = index
             startBarrierIfDrained()
         } else {
             submitStage(index)
@@ -375,12 +425,11 @@ final class RingWorker: @unchecked Sendable {
     /// One iovec per segment (page base + first_sect × 512), merged where segments meet in
     /// the contiguous mapping.
     private func buildVectors(_ slot: RequestSlot) {
-        guard let mapping = slot.mapping else { return }
-        slot.reserveVectors(segments.count)
+        slot.reserveVectors(slot.segments.count)
         var count = 0
         var total: UInt64 = 0
-        for (page, segment) in segments.enumerated() {
-            let start = mapping.page(page) + Int(segment.firstSect) * Blkif.sectorSize
+        for (page, segment) in slot.segments.enumerated() {
+            let start = slot.data.page(page) + Int(segment.firstSect) * Blkif.sectorSize
             let length = Int(segment.sectorCount) * Blkif.sectorSize
             if count > 0, let previous = slot.vectors[count - 1].iov_base, previous + slot.vectors[count - 1].iov_len == start {
                 slot.vectors[count - 1].iov_len += length
@@ -490,13 +539,12 @@ final class RingWorker: @unchecked Sendable {
         finish(index)
     }
 
-    /// Unmaps the request's pages, then answers it (the guest may reuse them once answered).
+    /// Lets the request's pages go (unmapping those not persistent), then answers it: the
+    /// guest may reuse its pages once answered.
     private func finish(_ index: Int) {
         let slot = slots[index]
-        if let mapping = slot.mapping {
-            do { try mapping.unmap() } catch { warn("unmapping data pages: \(error)") }
-            slot.mapping = nil
-        }
+        for failure in grants.release(slot.data) { warn("unmapping data pages: \(failure)") }
+        slot.data.reset(refs: EmptyCollection(), writesGuestPages: false)
         ring.putResponse(BlkifResponse(id: slot.id, operation: slot.operation, status: slot.status))
         responsesQueued = true
         let elapsed = DispatchTime.now().uptimeNanoseconds &- slot.started
@@ -528,6 +576,17 @@ final class RingWorker: @unchecked Sendable {
         responsesQueued = false
         if ring.pushResponsesAndCheckNotify() {
             do { try eventChannels.notify(localPort) } catch { warn("notifying the frontend: \(error)") }
+        }
+    }
+
+    /// Purges persistent grants when due and publishes how many stay mapped.
+    private func purgePersistentGrants() {
+        guard grants.persistent else { return }
+        for failure in grants.purgeIfDue(now: DispatchTime.now().uptimeNanoseconds) { warn("unmapping persistent grants: \(failure)") }
+        let mapped = UInt64(grants.persistentCount)
+        if mapped != publishedPersistentGrants {
+            publishedPersistentGrants = mapped
+            statistics.update { $0.persistentGrants = mapped }
         }
     }
 

@@ -9,7 +9,7 @@ public struct BlockFeatures: Equatable, Sendable {
     public var discardGranularity: UInt32
     public var discardAlignment: UInt32
     public var discardSecure: Bool
-    /// feature-persistent: the data plane keeps grants mapped across requests.
+    /// The data plane keeps grants mapped across requests (feature-persistent agreed).
     public var persistentGrants: Bool
 
     public init(flush: Bool = false, barrier: Bool = false, discard: Bool = false,
@@ -35,15 +35,30 @@ public struct DataPlaneRequest: Sendable {
     public var maxIndirectSegments: Int
     /// The backend's discard-enable (0 = the toolstack forbids discard).
     public var discardEnabled: Bool
+    /// Grants each ring may keep mapped when feature-persistent was agreed.
+    public var maxPersistentGrants: Int
 
     public init(vbd: VBDIdentity, backingStore: BackingStore, rings: RingDescription, maxIndirectSegments: Int,
-                discardEnabled: Bool) {
+                discardEnabled: Bool, maxPersistentGrants: Int) {
         self.vbd = vbd
         self.backingStore = backingStore
         self.rings = rings
         self.maxIndirectSegments = maxIndirectSegments
         self.discardEnabled = discardEnabled
+        self.maxPersistentGrants = maxPersistentGrants
     }
+}
+
+/// How a VBD's rings move guest data (the API's io_mode).
+public enum IOMode: String, Sendable, Equatable {
+    /// Direct I/O on the guest's pages, kept mapped across requests (feature-persistent).
+    case directPersistent = "direct-persistent"
+    /// Direct I/O on the guest's pages, mapped for each request.
+    case directMap = "direct-map"
+    /// Direct I/O on daemon buffers, the guest's pages copied by the hypervisor (GNTTABOP_copy).
+    case directCopy = "direct-copy"
+    /// Through dom0's page cache, on pages mapped for each request or kept mapped.
+    case buffered
 }
 
 /// The data plane seen from the control plane: maps a frontend's rings and serves them.
@@ -59,6 +74,8 @@ public protocol DataPlane: AnyObject, Sendable {
 public protocol ConnectedRings: AnyObject, Sendable {
     /// What the data plane serves on this backing store, to advertise at connect.
     var features: BlockFeatures { get }
+    /// How the rings' I/O is served.
+    var ioMode: IOMode { get }
     /// Data-path counters since connect, summed over the rings. Safe from any thread.
     var statistics: VBDStatistics { get }
     /// Stops taking requests and releases the rings once nothing is in flight

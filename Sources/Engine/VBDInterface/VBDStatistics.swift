@@ -75,6 +75,8 @@ public struct VBDStatistics: Sendable, Equatable {
     public var errors: UInt64 = 0
     /// Requests taken but not yet answered.
     public var inflight: UInt64 = 0
+    /// Grants kept mapped across requests now (feature-persistent), over all rings.
+    public var persistentGrants: UInt64 = 0
     /// Latency per request kind, indexed by `BlockOperationKind.rawValue`.
     public var latency: [LatencyHistogram] = Array(repeating: LatencyHistogram(), count: BlockOperationKind.allCases.count)
 
@@ -92,6 +94,7 @@ public struct VBDStatistics: Sendable, Equatable {
         writeSectors &+= other.writeSectors
         errors &+= other.errors
         inflight &+= other.inflight
+        persistentGrants &+= other.persistentGrants
         for index in latency.indices { latency[index].add(other.latency[index]) }
     }
 }

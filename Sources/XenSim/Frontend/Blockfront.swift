@@ -9,9 +9,8 @@ import Xenbus
 public struct BlockfrontOptions: Sendable {
     public var queues = 1
     public var ringPageOrder = 0
-    /// Requested; this frontend does not implement persistent grants yet, so it always
-    /// writes feature-persistent=0 (and --no-persistent changes nothing).
-    public var persistentGrants = false
+    /// feature-persistent written; used when the backend offers it too.
+    public var persistentGrants = true
     public var indirect = true
     /// blkfront's max_indirect_segments module parameter (default 32).
     public var maxIndirectSegments = 32
@@ -214,7 +213,7 @@ public final class Blockfront {
                                               backend: backendId, pages: pages, eventChannels: eventChannels))
         }
         let description = RingDescription(protocol: options.protocol, ringPageOrder: order,
-                                          queues: queues.map(\.ringQueue), persistentGrants: false)
+                                          queues: queues.map(\.ringQueue), persistentGrants: options.persistentGrants)
         try store.transaction { tx in
             // Keys of an earlier session with another shape would mislead the backend.
             for name in try store.directory(frontendPath, transaction: tx) ?? [] where RingDescription.isRingKey(name) {
@@ -247,7 +246,8 @@ public final class Blockfront {
         return NegotiatedDevice(
             backendPath: backendPath, backendId: backendId, protocol: options.protocol.xenstoreValue,
             queues: queues.count, ringPageOrder: queues.first.map { $0.ringPages.count.trailingZeroBitCount } ?? 0,
-            ringSize: queues.first?.ring.shared.size ?? 0, persistentGrants: false, indirectSegments: indirect,
+            ringSize: queues.first?.ring.shared.size ?? 0, persistentGrants: options.persistentGrants && features.persistent,
+            indirectSegments: indirect,
             sectors: sectors, sectorSize: Int(sectorSize), physicalSectorSize: Int(physical),
             info: UInt32(truncatingIfNeeded: info), readOnly: info & 4 != 0, features: features)
     }

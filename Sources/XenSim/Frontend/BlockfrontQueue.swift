@@ -11,6 +11,9 @@ final class BlockfrontQueue {
     let ringPages: [GrantedPage]
     var ring: FrontRing
     let port: UInt32
+    /// blkfront's persistent grants of this ring (rinfo->grants): pages granted writable once
+    /// and reused by later requests, the most recently returned first.
+    private var persistentPool: [GrantedPage] = []
 
     init(index: Int, pageOrder: Int, protocol abi: BlkifProtocol, backend: UInt32,
          pages: GrantedPages, eventChannels: GuestEventChannels) throws {
@@ -31,7 +34,36 @@ final class BlockfrontQueue {
     /// maps stay aside in `pages.busy`).
     func release(pages: GrantedPages, eventChannels: GuestEventChannels) {
         try? eventChannels.unbind(port)
-        pages.release(ringPages)
+        pages.release(ringPages + persistentPool)
+        persistentPool = []
+    }
+
+    /// get_grant with persistent grants: pages from the pool, new writable grants for the rest;
+    /// `fill` sees every page before it is used, as blkfront copies the bio into it.
+    func persistentPages(_ count: Int, pages: GrantedPages, backend: UInt32,
+                         fill: (Int, UnsafeMutableRawPointer) -> Void) throws -> [GrantedPage] {
+        let reused = Array(persistentPool.suffix(count).reversed())
+        persistentPool.removeLast(reused.count)
+        for (index, page) in reused.enumerated() { fill(index, pages.pointer(page)) }
+        do {
+            let fresh = try pages.grant(count - reused.count, to: backend, readOnly: false) { fill(reused.count + $0, $1) }
+            return reused + fresh
+        } catch {
+            persistentPool.append(contentsOf: reused)
+            throw error
+        }
+    }
+
+    /// blkif_completion with persistent grants: a page the backend still maps stays in the
+    /// pool; one it let go (its cache was full, or it purged it) has its grant ended.
+    func returnPersistent(_ granted: [GrantedPage], pages: GrantedPages) {
+        for page in granted.reversed() {
+            if pages.grants.isMappedByBackend(page.ref) {
+                persistentPool.append(page)
+            } else {
+                pages.release([page])
+            }
+        }
     }
 
     /// This queue as a ring description names it: its ring pages' refs and its event channel.

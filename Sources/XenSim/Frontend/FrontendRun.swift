@@ -232,7 +232,6 @@ public final class FrontendRun {
         let id = nextId
         nextId &+= 1
         let handle = UInt16(truncatingIfNeeded: device.devid)
-        let backend = negotiated.backendId
         var request: BlkifRequest
         var data: [GrantedPage] = [], indirect: [GrantedPage] = []
 
@@ -244,7 +243,7 @@ public final class FrontendRun {
             let write = io.operation == .write
             let sectorsPerPage = Int(Blkif.sectorsPerPage)
             let pageCount = (io.sectorCount + sectorsPerPage - 1) / sectorsPerPage
-            data = try device.pages.grant(pageCount, to: backend, readOnly: write) { page, memory in
+            data = try takePages(pageCount, queue: queue, readOnly: write) { page, memory in
                 guard write else { return }
                 for s in 0..<min(sectorsPerPage, io.sectorCount - page * sectorsPerPage) {
                     SectorStamp.write(sector: io.sector + UInt64(page * sectorsPerPage + s), generation: io.generation,
@@ -263,12 +262,12 @@ public final class FrontendRun {
             } else {
                 let perPage = Blkif.segmentsPerIndirectPage
                 do {
-                    indirect = try device.pages.grant(Blkif.indirectPages(forSegments: segments.count), to: backend,
-                                                      readOnly: true) { page, memory in
+                    indirect = try takePages(Blkif.indirectPages(forSegments: segments.count), queue: queue,
+                                             readOnly: true) { page, memory in
                         BlkifIndirectPage.write(segments[(page * perPage)..<min(segments.count, (page + 1) * perPage)], to: memory)
                     }
                 } catch {
-                    device.pages.release(data)
+                    giveBack(data, queue: queue)
                     throw error
                 }
                 var grefs = FixedCapacityList<8, UInt32>()
@@ -279,7 +278,7 @@ public final class FrontendRun {
         }
         guard queue.ring.putRequest(request) else {
             // Cannot happen: the queue depth is clamped to the rings' slots.
-            device.pages.release(data + indirect)
+            giveBack(data + indirect, queue: queue)
             throw FrontendFailure("ring \(index) is full with \(inFlight.count) requests in flight")
         }
         if inFlight.isEmpty { lastProgress = monotonicNanoseconds() }
@@ -290,6 +289,25 @@ public final class FrontendRun {
         inFlight[id] = InFlightRequest(io: io, queue: index, ringOperation: answeredOperation, data: data,
                                        indirect: indirect, started: monotonicNanoseconds())
         return index
+    }
+
+    /// Pages for one request: from the ring's persistent grants when negotiated, else granted
+    /// for this request alone (read-only when the backend only reads them).
+    private func takePages(_ count: Int, queue: BlockfrontQueue, readOnly: Bool,
+                           fill: (Int, UnsafeMutableRawPointer) -> Void) throws -> [GrantedPage] {
+        if negotiated.persistentGrants {
+            return try queue.persistentPages(count, pages: device.pages, backend: negotiated.backendId, fill: fill)
+        }
+        return try device.pages.grant(count, to: negotiated.backendId, readOnly: readOnly, fill: fill)
+    }
+
+    /// A request's pages once it is answered: back to the persistent pool, or grants ended.
+    private func giveBack(_ pages: [GrantedPage], queue: BlockfrontQueue) {
+        if negotiated.persistentGrants {
+            queue.returnPersistent(pages, pages: device.pages)
+        } else {
+            device.pages.release(pages)
+        }
     }
 
     /// blkif_interrupt: for each port that fired, take every response, then unmask.
@@ -343,7 +361,7 @@ public final class FrontendRun {
                 log("read of \(io.sectorCount) sector(s) at \(io.sector): \(failures) sector(s) do not hold what was written")
             }
         }
-        device.pages.release(request.data + request.indirect)
+        giveBack(request.data + request.indirect, queue: device.queues[queue])
         workload.completed(io, success: success)
         guard success else { return }
         switch io.operation {

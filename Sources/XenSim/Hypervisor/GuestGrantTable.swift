@@ -47,6 +47,11 @@ public final class GuestGrantTable: @unchecked Sendable {
 
     public func entry(_ ref: UInt32) -> GrantEntryV1 { table.entry(ref) }
 
+    /// gnttab_query_foreign_access: whether a backend maps the grant now.
+    public func isMappedByBackend(_ ref: UInt32) -> Bool {
+        Int(ref) < table.entryCount && table.entry(ref).flags & (GrantFlags.reading | GrantFlags.writing) != 0
+    }
+
     /// Writes an arbitrary entry, as a hostile guest can: for attacks and tests only.
     public func writeRawEntry(_ ref: UInt32, flags: UInt16, domid: UInt16, frame: UInt32) throws {
         guard Int(ref) < table.entryCount else { throw SimDomainError.invalidGrantRef(ref) }

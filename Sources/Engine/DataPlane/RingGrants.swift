@@ -1,0 +1,272 @@
+import Hypervisor
+
+/// Pages mapped by one call to the grant mapper. gntdev unmaps what one call mapped as a
+/// whole, so the range stays until every page's user (a request or a persistent entry) has
+/// let go of it.
+final class GrantRegion {
+    private let mapping: GrantMapping
+    private var users: Int
+
+    init(_ mapping: GrantMapping) {
+        self.mapping = mapping
+        users = mapping.pageCount
+    }
+
+    func page(_ index: Int) -> UnsafeMutableRawPointer { mapping.page(index) }
+
+    /// One page's user lets go; the last one unmaps the range.
+    func release() throws {
+        users -= 1
+        if users == 0 { try mapping.unmap() }
+    }
+}
+
+/// Why a request's grants cannot be used; the request is answered BLKIF_RSP_ERROR.
+enum GrantRefusal: Error, CustomStringConvertible {
+    /// The ref names a page of one of the device's rings.
+    case ringPage(UInt32)
+    /// The request names the ref twice.
+    case repeated(UInt32)
+    /// Another request in flight holds the persistent grant (blkback: "requesting a grant
+    /// already in use").
+    case inUse(UInt32)
+    /// The hypervisor refused to map it.
+    case unmappable(String)
+
+    var description: String {
+        switch self {
+        case .ringPage(let ref): "grant ref \(ref) is a ring page"
+        case .repeated(let ref): "grant ref \(ref) appears twice in one request"
+        case .inUse(let ref): "grant ref \(ref) is in use by another request"
+        case .unmappable(let reason): "mapping: \(reason)"
+        }
+    }
+}
+
+/// One request's grants (data segments, or indirect descriptor pages): page i holds the
+/// bytes of refs[i]. Owned by a request slot and reused, so steady-state requests allocate
+/// nothing here.
+final class RequestGrants {
+    private(set) var refs: [UInt32] = []
+    /// Filled by `RingGrants.plan` (cache hits) and `RingGrants.mapMissing` (the rest).
+    fileprivate(set) var pages: [UnsafeMutableRawPointer?] = []
+    /// Whether the backend writes into the pages (a READ); decides the mapping's access when
+    /// persistent grants are off.
+    private(set) var writesGuestPages = false
+    /// Pages still to map: those that become persistent entries, and the others.
+    fileprivate var missingPersistent: [Int] = []
+    fileprivate var missingTransient: [Int] = []
+    /// Persistent entries this request marked in use.
+    fileprivate var held: [UInt32] = []
+    /// The region of every page mapped for this request alone.
+    fileprivate var transient: [GrantRegion] = []
+    fileprivate(set) var refusal: GrantRefusal?
+
+    init(capacity: Int) {
+        refs.reserveCapacity(capacity)
+        pages.reserveCapacity(capacity)
+        missingPersistent.reserveCapacity(capacity)
+        missingTransient.reserveCapacity(capacity)
+        held.reserveCapacity(capacity)
+    }
+
+    func reset(refs newRefs: some Sequence<UInt32>, writesGuestPages: Bool) {
+        refs.removeAll(keepingCapacity: true)
+        refs.append(contentsOf: newRefs)
+        pages.removeAll(keepingCapacity: true)
+        pages.append(contentsOf: repeatElement(nil, count: refs.count))
+        self.writesGuestPages = writesGuestPages
+        refusal = nil
+    }
+
+    func page(_ index: Int) -> UnsafeMutableRawPointer {
+        guard let page = pages[index] else { preconditionFailure("page \(index) of a request used before it was mapped") }
+        return page
+    }
+}
+
+/// The grants one ring's requests use, as Linux blkback keeps them (persistent_gnts): with
+/// persistent grants negotiated, up to `capacity` refs stay mapped across requests, purged
+/// least recently used first and after 60 s unused; everything else is mapped for one request.
+/// A batch of requests misses are mapped with one call per kind of mapping. Worker-thread only.
+final class RingGrants {
+    /// Linux blkback's LRU_INTERVAL, LRU_PERCENT_CLEAN and xen_blkif_pgrant_timeout.
+    static let purgeIntervalNanoseconds: UInt64 = 100_000_000
+    static let purgePercent = 5
+    static let idleLimitNanoseconds: UInt64 = 60_000_000_000
+
+    private struct Entry {
+        /// nil while the request that will map it waits for its batch.
+        var region: GrantRegion?
+        var page = 0
+        var lastUse: UInt64
+        var inUse = true
+    }
+
+    let persistent: Bool
+    let capacity: Int
+    private let mapper: any GrantMapper
+    private let domain: UInt32
+    private let ringRefs: Set<UInt32>
+    private var entries: [UInt32: Entry] = [:]
+    private var sorted: [UInt32] = []
+    private var lastPurge: UInt64 = 0
+
+    /// `persistent`: the frontend and this backend agreed on feature-persistent.
+    init(mapper: any GrantMapper, domain: UInt32, ringRefs: Set<UInt32>, persistent: Bool, capacity: Int) {
+        self.mapper = mapper
+        self.domain = domain
+        self.ringRefs = ringRefs
+        self.persistent = persistent
+        self.capacity = persistent ? max(capacity, 0) : 0
+        entries.reserveCapacity(self.capacity)
+    }
+
+    /// Persistent grants mapped now.
+    var persistentCount: Int { entries.count }
+
+    /// Checks the request's refs and takes what the cache already maps; refs it misses stay
+    /// for `mapMissing`, reserved as persistent entries while there is room. On refusal the
+    /// request holds nothing.
+    func plan(_ request: RequestGrants, now: UInt64) throws(GrantRefusal) {
+        sorted.removeAll(keepingCapacity: true)
+        sorted.append(contentsOf: request.refs)
+        sorted.sort()
+        for (index, ref) in sorted.enumerated() {
+            if ringRefs.contains(ref) { throw .ringPage(ref) }
+            if index > 0 && sorted[index - 1] == ref { throw .repeated(ref) }
+        }
+        for (index, ref) in request.refs.enumerated() {
+            if persistent, var entry = entries[ref] {
+                guard !entry.inUse else {
+                    _ = release(request)
+                    throw .inUse(ref)
+                }
+                entry.inUse = true
+                entry.lastUse = now
+                entries[ref] = entry
+                request.held.append(ref)
+                if let region = entry.region { request.pages[index] = region.page(entry.page) }
+            } else {
+                if capacity > entries.count {
+                    entries[ref] = Entry(region: nil, lastUse: now)
+                    request.held.append(ref)
+                    request.missingPersistent.append(index)
+                } else {
+                    request.missingTransient.append(index)
+                }
+            }
+        }
+    }
+
+    /// Maps every page `requests` still miss: the new persistent entries with one call, the
+    /// other pages with one call per access (read-only or writable). A call the hypervisor
+    /// refuses (gntdev maps all or nothing) is tried again request by request, so only a
+    /// request naming a bad ref fails: it is released and its `refusal` set.
+    func mapMissing(_ requests: some Collection<RequestGrants>) {
+        var persistentPages: [(RequestGrants, Int)] = []
+        var writablePages: [(RequestGrants, Int)] = []
+        var readOnlyPages: [(RequestGrants, Int)] = []
+        for request in requests {
+            for index in request.missingPersistent { persistentPages.append((request, index)) }
+            for index in request.missingTransient {
+                // Persistent grants are granted writable and mapped so whatever the operation (blkback).
+                if persistent || request.writesGuestPages {
+                    writablePages.append((request, index))
+                } else {
+                    readOnlyPages.append((request, index))
+                }
+            }
+        }
+        mapGroup(persistentPages, writable: true, persistentEntries: true)
+        mapGroup(writablePages, writable: true, persistentEntries: false)
+        mapGroup(readOnlyPages, writable: false, persistentEntries: false)
+        for request in requests {
+            request.missingPersistent.removeAll(keepingCapacity: true)
+            request.missingTransient.removeAll(keepingCapacity: true)
+        }
+    }
+
+    private func mapGroup(_ group: [(RequestGrants, Int)], writable: Bool, persistentEntries: Bool) {
+        let pending = group.filter { $0.0.refusal == nil }
+        guard !pending.isEmpty else { return }
+        do {
+            let region = GrantRegion(try mapper.map(domain: domain, refs: pending.map { $0.0.refs[$0.1] }, writable: writable))
+            for (page, (request, index)) in pending.enumerated() {
+                request.pages[index] = region.page(page)
+                if persistentEntries {
+                    entries[request.refs[index]]?.region = region
+                    entries[request.refs[index]]?.page = page
+                } else {
+                    request.transient.append(region)
+                }
+            }
+        } catch {
+            let requests = pending.map(\.0)
+            if let only = requests.first, requests.allSatisfy({ $0 === only }) {
+                only.refusal = .unmappable("\(error)")
+                _ = release(only)
+                return
+            }
+            var seen = Set<ObjectIdentifier>()
+            for request in requests where seen.insert(ObjectIdentifier(request)).inserted {
+                mapGroup(pending.filter { $0.0 === request }, writable: writable, persistentEntries: persistentEntries)
+            }
+        }
+    }
+
+    /// The request is done with its pages: its persistent entries become idle (or go, if
+    /// never mapped), its other pages are unmapped. Returns unmap failures, for the log.
+    func release(_ request: RequestGrants) -> [any Error] {
+        releaseHeld(request)
+        var failures: [any Error] = []
+        for region in request.transient {
+            do { try region.release() } catch { failures.append(error) }
+        }
+        request.transient.removeAll(keepingCapacity: true)
+        request.missingPersistent.removeAll(keepingCapacity: true)
+        request.missingTransient.removeAll(keepingCapacity: true)
+        return failures
+    }
+
+    private func releaseHeld(_ request: RequestGrants) {
+        // An entry still without a region was reserved by this request and never mapped.
+        for ref in request.held {
+            if entries[ref]?.region == nil {
+                entries[ref] = nil
+            } else {
+                entries[ref]?.inUse = false
+            }
+        }
+        request.held.removeAll(keepingCapacity: true)
+    }
+
+    /// At most every 100 ms: unmaps idle entries unused for 60 s and, when the cache is full,
+    /// the least recently used idle 5 % (so a working set larger than the cache still finds
+    /// room over time without every request thrashing it). Returns unmap failures.
+    func purgeIfDue(now: UInt64) -> [any Error] {
+        guard !entries.isEmpty, now &- lastPurge >= Self.purgeIntervalNanoseconds else { return [] }
+        lastPurge = now
+        let full = entries.count >= capacity
+        let oldest = now &- Self.idleLimitNanoseconds
+        guard full || entries.values.contains(where: { !$0.inUse && $0.lastUse <= oldest }) else { return [] }
+        let idle = entries.filter { !$0.value.inUse && $0.value.region != nil }.sorted { $0.value.lastUse < $1.value.lastUse }
+        let target = full ? capacity - max(1, capacity * Self.purgePercent / 100) : entries.count
+        var failures: [any Error] = []
+        for (ref, entry) in idle where entries.count > target || entry.lastUse <= oldest {
+            entries[ref] = nil
+            do { try entry.region?.release() } catch { failures.append(error) }
+        }
+        return failures
+    }
+
+    /// Unmaps every persistent entry (the ring is stopping; nothing is in flight).
+    func releaseAll() -> [any Error] {
+        var failures: [any Error] = []
+        for entry in entries.values {
+            do { try entry.region?.release() } catch { failures.append(error) }
+        }
+        entries.removeAll()
+        return failures
+    }
+}
