@@ -48,13 +48,15 @@ final class DataPathGuest {
 
     let readOnly: Bool
 
-    func request(maxIndirectSegments: Int = 256) throws -> DataPlaneRequest {
+    func request(maxIndirectSegments: Int = 256, persistentGrants: Bool = false,
+                 maxPersistentGrants: Int = BackendConfiguration.defaultMaxPersistentGrants) throws -> DataPlaneRequest {
         DataPlaneRequest(vbd: VBDIdentity(kind: "vbd", domid: DomainID(rawValue: Self.domid)!, devid: 51712),
                          backingStore: try BackingStore.open(.path(imagePath), readOnly: readOnly),
                          rings: RingDescription(protocol: .x86_64, ringPageOrder: 0,
                                                 queues: [RingQueue(ringRefs: [ringRef], eventChannel: port)],
-                                                persistentGrants: false),
-                         maxIndirectSegments: maxIndirectSegments, discardEnabled: true)
+                                                persistentGrants: persistentGrants),
+                         maxIndirectSegments: maxIndirectSegments, discardEnabled: true,
+                         maxPersistentGrants: maxPersistentGrants)
     }
 
     func connect() throws -> any ConnectedRings { try dataPlane.connect(try request()) }

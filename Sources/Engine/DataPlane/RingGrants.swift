@@ -248,12 +248,13 @@ final class RingGrants {
         guard !entries.isEmpty, now &- lastPurge >= Self.purgeIntervalNanoseconds else { return [] }
         lastPurge = now
         let full = entries.count >= capacity
-        let oldest = now &- Self.idleLimitNanoseconds
-        guard full || entries.values.contains(where: { !$0.inUse && $0.lastUse <= oldest }) else { return [] }
+        // Saturating: a clock read within 60 s of boot expires nothing.
+        let expired = { (entry: Entry) in now - min(entry.lastUse, now) >= Self.idleLimitNanoseconds }
+        guard full || entries.values.contains(where: { !$0.inUse && expired($0) }) else { return [] }
         let idle = entries.filter { !$0.value.inUse && $0.value.region != nil }.sorted { $0.value.lastUse < $1.value.lastUse }
         let target = full ? capacity - max(1, capacity * Self.purgePercent / 100) : entries.count
         var failures: [any Error] = []
-        for (ref, entry) in idle where entries.count > target || entry.lastUse <= oldest {
+        for (ref, entry) in idle where entries.count > target || expired(entry) {
             entries[ref] = nil
             do { try entry.region?.release() } catch { failures.append(error) }
         }

@@ -1,0 +1,187 @@
+@testable import DataPlane
+import Engine
+import Foundation
+import SimHypervisor
+import Synchronization
+import Testing
+import XenSim
+
+/// Counts the calls it forwards to the simulator's real grant mapper: how many hypercalls
+/// (gntdev ioctls on real Xen) the data plane makes.
+final class CountingGrantMapper: GrantMapper, @unchecked Sendable {
+    let inner: SimGrantMapper
+    private let calls = Mutex<[Int]>([])
+    var unmapIsSynchronousAfterDirectIO: Bool { inner.unmapIsSynchronousAfterDirectIO }
+    /// Pages per map call so far.
+    var mapCalls: [Int] { calls.withLock { $0 } }
+
+    init(directory: String) { inner = SimGrantMapper(directory: directory) }
+
+    func map(domain: UInt32, refs: [UInt32], writable: Bool) throws -> GrantMapping {
+        calls.withLock { $0.append(refs.count) }
+        return try inner.map(domain: domain, refs: refs, writable: writable)
+    }
+}
+
+/// The ring's grant cache (RingGrants) against the simulated hypervisor's grant table, whose
+/// flags say what the backend maps: what Linux blkback's persistent grants promise.
+@Suite(.serialized) struct PersistentGrantTests {
+    let dir = SimDirectory()
+    let domid: UInt32 = 1
+    let memory: GuestMemory
+    let table: GuestGrantTable
+    let mapper: CountingGrantMapper
+
+    init() throws {
+        try SimDomain.createDomain(directory: dir.path, domid: domid, memoryMB: 8)
+        memory = try GuestMemory(directory: dir.path, domid: domid)
+        table = try GuestGrantTable(directory: dir.path, domid: domid)
+        mapper = CountingGrantMapper(directory: dir.path)
+    }
+
+    func grant(_ count: Int, readOnly: Bool = false) throws -> [UInt32] {
+        try memory.allocatePages(count).enumerated().map { index, frame in
+            memory.page(frame).storeBytes(of: UInt64(0xC0DE_0000 + index), as: UInt64.self)
+            return try table.grantAccess(frame: frame, to: 0, readOnly: readOnly)
+        }
+    }
+
+    func grants(persistent: Bool = true, capacity: Int = 1056, ringRefs: Set<UInt32> = []) -> RingGrants {
+        RingGrants(mapper: mapper, domain: domid, ringRefs: ringRefs, persistent: persistent, capacity: capacity)
+    }
+
+    func request(_ refs: [UInt32], reading: Bool = true) -> RequestGrants {
+        let request = RequestGrants(capacity: refs.count)
+        request.reset(refs: refs, writesGuestPages: reading)
+        return request
+    }
+
+    func mapped(_ ref: UInt32) -> Bool { table.isMappedByBackend(ref) }
+
+    @Test func persistentGrantsStayMappedAndAreHitWithoutAHypercall() throws {
+        defer { dir.remove() }
+        let cache = grants()
+        let refs = try grant(3)
+        let first = request(refs)
+        try cache.plan(first, now: 1)
+        cache.mapMissing(CollectionOfOne(first))
+        #expect(first.refusal == nil)
+        #expect(mapper.mapCalls == [3])
+        #expect(first.page(1).load(as: UInt64.self) == 0xC0DE_0001)
+        let pages = (0..<3).map { first.page($0) }
+        #expect(cache.release(first).isEmpty)
+        #expect(refs.allSatisfy(mapped), "persistent grants are unmapped only when purged")
+        #expect(cache.persistentCount == 3)
+
+        // The same refs again, in another order and for a WRITE: served from the cache.
+        let second = request([refs[2], refs[0]], reading: false)
+        try cache.plan(second, now: 2)
+        #expect(second.page(0) == pages[2] && second.page(1) == pages[0])
+        cache.mapMissing(CollectionOfOne(second))
+        #expect(mapper.mapCalls == [3], "hits need no mapping")
+        _ = cache.release(second)
+        #expect(cache.releaseAll().isEmpty)
+        #expect(!refs.contains(where: mapped))
+    }
+
+    @Test func aBatchOfRequestsIsMappedWithOneCallPerKind() throws {
+        defer { dir.remove() }
+        let off = grants(persistent: false)
+        let reads = try (0..<4).map { _ in request(try grant(2), reading: true) }
+        let writes = try (0..<3).map { _ in request(try grant(3, readOnly: true), reading: false) }
+        for r in reads + writes { try off.plan(r, now: 1) }
+        off.mapMissing(reads + writes)
+        // Reads need writable mappings, writes read-only ones (the guest granted them so).
+        #expect(mapper.mapCalls.sorted() == [8, 9])
+        #expect((reads + writes).allSatisfy { $0.refusal == nil })
+        for r in reads + writes { #expect(off.release(r).isEmpty) }
+        #expect(!(reads + writes).flatMap(\.refs).contains(where: mapped), "without persistent grants nothing stays mapped")
+    }
+
+    @Test func onlyTheRequestNamingABadRefFailsItsBatch() throws {
+        defer { dir.remove() }
+        let cache = grants()
+        let good = request(try grant(2))
+        let neverGranted = UInt32(table.entryCount - 1)
+        let bad = request(try grant(1) + [neverGranted])
+        try cache.plan(good, now: 1)
+        try cache.plan(bad, now: 1)
+        cache.mapMissing([good, bad])
+        #expect(good.refusal == nil)
+        guard case .unmappable = bad.refusal else { Issue.record("bad request: \(String(describing: bad.refusal))"); return }
+        #expect(!bad.refs.contains(where: mapped), "the refused request holds nothing")
+        #expect(cache.persistentCount == 2)
+        _ = cache.release(good)
+        _ = cache.releaseAll()
+    }
+
+    @Test func ringPagesRepeatedRefsAndRefsInUseAreRefused() throws {
+        defer { dir.remove() }
+        let refs = try grant(3)
+        let cache = grants(ringRefs: [refs[2]])
+        #expect(throws: GrantRefusal.self) { try cache.plan(request([refs[0], refs[2]]), now: 1) }
+        #expect(throws: GrantRefusal.self) { try cache.plan(request([refs[0], refs[1], refs[0]]), now: 1) }
+        let holder = request([refs[0]])
+        try cache.plan(holder, now: 1)
+        cache.mapMissing(CollectionOfOne(holder))
+        let second = request([refs[1], refs[0]])
+        do {
+            try cache.plan(second, now: 2)
+            Issue.record("a grant held by another request was accepted")
+        } catch {
+            guard case .inUse(refs[0]) = error else { Issue.record("\(error)"); return }
+        }
+        // The refused request reserved nothing: refs[1] can be used by the next one.
+        let third = request([refs[1]])
+        try cache.plan(third, now: 3)
+        cache.mapMissing(CollectionOfOne(third))
+        #expect(third.refusal == nil && cache.persistentCount == 2)
+        _ = cache.release(holder)
+        _ = cache.release(third)
+        _ = cache.releaseAll()
+    }
+
+    @Test func pagesPastTheLimitAreMappedForTheirRequestOnly() throws {
+        defer { dir.remove() }
+        let cache = grants(capacity: 2)
+        let refs = try grant(5)
+        let r = request(refs)
+        try cache.plan(r, now: 1)
+        cache.mapMissing(CollectionOfOne(r))
+        #expect(mapper.mapCalls == [2, 3], "the persistent part and the rest are separate ranges")
+        #expect(r.refusal == nil)
+        _ = cache.release(r)
+        #expect(cache.persistentCount == 2)
+        #expect(refs.filter(mapped).count == 2)
+        _ = cache.releaseAll()
+    }
+
+    @Test func idleGrantsArePurgedLeastRecentlyUsedFirstAndAfterSixtySeconds() throws {
+        defer { dir.remove() }
+        let cache = grants(capacity: 20)
+        let refs = try grant(20)
+        for (index, ref) in refs.enumerated() {
+            let r = request([ref])
+            try cache.plan(r, now: UInt64(index + 1))
+            cache.mapMissing(CollectionOfOne(r))
+            _ = cache.release(r)
+        }
+        #expect(cache.persistentCount == 20)
+        let start = RingGrants.purgeIntervalNanoseconds
+        // Full: the least recently used 5 % (one of 20) goes.
+        #expect(cache.purgeIfDue(now: start).isEmpty)
+        #expect(cache.persistentCount == 19 && !mapped(refs[0]) && mapped(refs[1]))
+        // Not due again within the interval.
+        _ = cache.purgeIfDue(now: start + 1)
+        #expect(cache.persistentCount == 19)
+        // A grant in use is never purged, however old.
+        let busy = request([refs[5]])
+        try cache.plan(busy, now: 30)
+        let later = 30 + RingGrants.idleLimitNanoseconds
+        _ = cache.purgeIfDue(now: later)
+        #expect(cache.persistentCount == 1 && mapped(refs[5]))
+        _ = cache.release(busy)
+        _ = cache.purgeIfDue(now: 2 * later)
+        #expect(cache.persistentCount == 0 && !refs.contains(where: mapped))
+    }
+}
