@@ -27,6 +27,8 @@ import Testing
                     "persistent_grants", "max_indirect_segments", "features"] {
             #expect(vbd[key] != nil, "VBD lacks \(key)")
         }
+        // The demo guest asks for persistent grants and the simulator unmaps synchronously.
+        #expect(vbd["persistent_grants"] as? Bool == true && vbd["io_mode"] as? String == "direct-persistent")
 
         // Counters grow while the guest works.
         let first = try rig.stats()
@@ -34,7 +36,8 @@ import Testing
             let now = try rig.stats()
             return now["rd_req"]! + now["wr_req"]! > first["rd_req"]! + first["wr_req"]!
         })
-        #expect(Set(first.keys) == ["rd_req", "wr_req", "f_req", "ds_req", "oo_req", "rd_sect", "wr_sect", "errors", "inflight"])
+        #expect(Set(first.keys) == ["rd_req", "wr_req", "f_req", "ds_req", "oo_req", "rd_sect", "wr_sect", "errors", "inflight",
+                                 "persistent_grants"])
 
         // Pretty on request; HEAD where GET is allowed.
         #expect(try rig.get(APIRig.vbd + "?pretty").body.contains("\n  \"domid\": 1,\n"))

@@ -16,6 +16,7 @@ public struct Attack: Sendable {
         readIntoReadOnlyGrant, badGrantRef, zeroSegments, tooManySegments, badSegmentSectors, sectorOutOfRange,
         unknownOperation, writeOnReadOnlyDevice, ringIndexOverflow, indirectAbuse, doubleFetch, stateFlapping,
         badRingRef, badEventChannel, eventStorm, xenstoreFlood, unmapBusy,
+        duplicateGrantRefs, dataRefIsRingRef, persistentGrantOverflow, persistentFlip,
     ]
 
     public static func named(_ name: String) -> Attack? { all.first { $0.name == name } }

@@ -45,6 +45,10 @@ public final class AttackSession {
         var deviceOptions = BlockfrontOptions()
         deviceOptions.timeout = max(options.answerTimeout, 10)
         deviceOptions.maxIndirectSegments = Blkif.maxIndirectSegments
+        // Raw requests grant pages per request, read-only where the backend only reads them;
+        // with persistent grants the backend maps every page writable, so attacks on them
+        // ask for them explicitly (GrantAttacks).
+        deviceOptions.persistentGrants = false
         device = try Blockfront(store: store, directory: options.directory, domid: options.domid, devid: options.devid,
                                 kind: options.kind, options: deviceOptions)
     }
@@ -62,6 +66,17 @@ public final class AttackSession {
     /// Negotiates the device normally (closing whatever an earlier guest left half open).
     @discardableResult
     func connect() throws -> NegotiatedDevice { try device.connect() }
+
+    /// Closes the device like blkfront and negotiates again, with or without persistent
+    /// grants; fails when the backend does not agree to them.
+    func reconnect(persistentGrants: Bool) throws {
+        device.close()
+        device.options.persistentGrants = persistentGrants
+        let negotiated = try device.connect()
+        guard negotiated.persistentGrants == persistentGrants else {
+            throw AttackFailure("persistent grants \(persistentGrants ? "asked for" : "not asked for"), yet negotiated \(negotiated.persistentGrants)")
+        }
+    }
 
     /// The backend's feature-max-indirect-segments (0 when indirect requests are not offered).
     func backendIndirectSegments() throws -> Int {
@@ -182,7 +197,8 @@ public final class AttackSession {
     /// The daemon still serves this device: close it like blkfront, negotiate again, and run a
     /// small verified workload (write, flush, read back; reads only on a read-only disk).
     /// Every grant must come back at the end: nothing stays mapped.
-    func verifyStillServed(_ what: String = "after the attack") throws {
+    @discardableResult
+    func verifyStillServed(_ what: String = "after the attack") throws -> FrontendReport {
         let readOnly = device.negotiated?.readOnly ?? false
         var workload = WorkloadConfiguration(kind: readOnly ? .read : .verify, blockSize: 4096, queueDepth: 4)
         workload.offset = 0
@@ -205,6 +221,7 @@ public final class AttackSession {
             throw AttackFailure("\(what): \(report.grantsStillMapped) grant(s) still mapped by the backend after the device closed")
         }
         log("\(what): reconnected and \(report.ops) verified I/O(s) succeeded, no grant left mapped")
+        return report
     }
 
     /// Closes the device (Closing, Closed, grants back); returns grants still mapped after

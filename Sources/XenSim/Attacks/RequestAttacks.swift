@@ -8,13 +8,13 @@ import Xenbus
 // may be written into the guest's pages or the disk, and the ring keeps being served.
 
 extension AttackSession {
-    /// Grants `segments`' indirect pages (read-only, as blkfront does) and builds the request;
-    /// the caller releases the returned pages.
+    /// Grants `segments`' indirect pages (read-only, as blkfront does without persistent
+    /// grants) and builds the request; the caller releases the returned pages.
     func indirect(_ operation: BlkifOperation, sector: UInt64, segments: [BlkifSegment],
-                  nrSegments: UInt16? = nil) throws -> (BlkifRequest, [GrantedPage]) {
+                  nrSegments: UInt16? = nil, readOnly: Bool = true) throws -> (BlkifRequest, [GrantedPage]) {
         let perPage = Blkif.segmentsPerIndirectPage
         let pageCount = max(1, min(Blkif.indirectPages(forSegments: segments.count), Blkif.maxIndirectPagesPerRequest))
-        let indirectPages = try pages.grant(pageCount, to: backendId, readOnly: true) { page, memory in
+        let indirectPages = try pages.grant(pageCount, to: backendId, readOnly: readOnly) { page, memory in
             let start = min(segments.count, page * perPage)
             BlkifIndirectPage.write(segments[start..<min(segments.count, start + perPage)], to: memory)
         }

@@ -73,7 +73,8 @@ public final class Blockfront {
     public let frontendPath: String
     public private(set) var backendPath: String
     public private(set) var backendId: UInt32
-    let options: BlockfrontOptions
+    /// What the next connect asks for (a guest rebooted with other module parameters may change it).
+    var options: BlockfrontOptions
     let pages: GrantedPages
     let eventChannels: GuestEventChannels
     private(set) var queues: [BlockfrontQueue] = []
