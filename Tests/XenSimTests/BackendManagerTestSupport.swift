@@ -199,8 +199,7 @@ final class BackendRig {
     /// in domain 1's grant table): 0 once every ring and data page is unmapped.
     func grantsMappedByBackend() throws -> Int {
         let table = try GuestGrantTable(directory: directory, domid: Self.domid)
-        let mapped = GrantFlags.reading | GrantFlags.writing
-        return (0..<UInt32(table.entryCount)).filter { table.entry($0).flags & mapped != 0 }.count
+        return (0..<UInt32(table.entryCount)).filter(table.isMappedByBackend).count
     }
 
     /// The one snapshot of our VBD, when it is the only one.
