@@ -13,3 +13,12 @@ static inline int curing_o_direct(void) {
     return 040000;
 #endif
 }
+/* io_uring_enable_rings is not exported by Debian 12's liburing 2.3: the register call it
+ * wraps. The ring's owner thread calls it, so that thread becomes the single issuer. */
+#include <errno.h>
+#include <sys/syscall.h>
+long syscall(long number, ...);
+static inline int curing_enable_rings(struct io_uring *ring) {
+    long status = syscall(__NR_io_uring_register, ring->ring_fd, IORING_REGISTER_ENABLE_RINGS, (void *)0, 0);
+    return status < 0 ? -errno : 0;
+}

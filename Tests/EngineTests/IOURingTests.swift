@@ -4,14 +4,12 @@ import Foundation
 import Testing
 
 @Suite struct IOURingTests {
-    /// Waits on the ring's eventfd, as a worker does, until `count` completions are in.
-    func awaitCompletions(_ ring: IOURing, count: Int) -> [UInt64: Int32] {
+    /// Waits in the ring, as a worker does, until `count` completions are in.
+    func awaitCompletions(_ ring: IOURing, count: Int) throws -> [UInt64: Int32] {
         var results: [UInt64: Int32] = [:]
         while results.count < count {
             // The deadline only ends a test whose completion never comes.
-            var poller = pollfd(fd: ring.completionDescriptor, events: Int16(POLLIN), revents: 0)
-            guard poll(&poller, 1, 60_000) == 1 else { break }
-            ring.drainSignal()
+            guard try ring.submitAndWait(minimum: 1, milliseconds: 60_000) else { break }
             ring.reapCompletions { results[$0.tag] = $0.result }
         }
         return results
@@ -34,17 +32,38 @@ import Testing
         try ring.write(descriptor, &vectors, count: 1, offset: 65536, tag: 1)
         try ring.flush(descriptor, tag: 2)
         try ring.submit()
-        var results = awaitCompletions(ring, count: 2)
+        var results = try awaitCompletions(ring, count: 2)
         #expect(results[1] == 4096)
         #expect(results[2] == 0)
 
         try withUnsafePointer(to: &vectors[1]) { try ring.read(descriptor, $0, count: 1, offset: 65536, tag: 3) }
         try ring.punchHole(descriptor, offset: 0, length: 4096, tag: 4)
         try ring.submit()
-        results = awaitCompletions(ring, count: 2)
+        results = try awaitCompletions(ring, count: 2)
         #expect(results[3] == 4096)
         #expect(results[4] == 0)
         #expect(memcmp(page, page + 4096, 4096) == 0)
+    }
+
+    @Test func aWatchedDescriptorCompletesEachTimeItBecomesReadable() throws {
+        let ring = try IOURing(entries: 4)
+        var ends: [Int32] = [-1, -1]
+        #expect(pipe(&ends) == 0)
+        defer { close(ends[0]); close(ends[1]) }
+        try ring.watch(ends[0], tag: 7)
+        #expect(try ring.submitAndWait(minimum: 1, milliseconds: 10) == false, "nothing readable yet")
+        for round in 1...3 {
+            var one: UInt64 = 1
+            #expect(write(ends[1], &one, 8) == 8)
+            var fired: [IOURing.Completion] = []
+            while fired.isEmpty {
+                guard try ring.submitAndWait(minimum: 1, milliseconds: 60_000) else { break }
+                ring.reapCompletions { fired.append($0) }
+            }
+            #expect(fired.count == 1 && fired[0].tag == 7 && fired[0].more, "round \(round): \(fired)")
+            var count: UInt64 = 0
+            #expect(read(ends[0], &count, 8) == 8)
+        }
     }
 
     @Test func readOfABadDescriptorCompletesWithAnErrno() throws {
@@ -55,6 +74,6 @@ import Testing
             try ring.read(-1, &vector, count: 1, offset: 0, tag: 9)
             try ring.submit()
         }
-        #expect(awaitCompletions(ring, count: 1)[9] == -EBADF)
+        #expect(try awaitCompletions(ring, count: 1)[9] == -EBADF)
     }
 }

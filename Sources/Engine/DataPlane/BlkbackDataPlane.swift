@@ -147,13 +147,9 @@ final class IODescriptor: Sendable {
         // Through io_uring, the path discards take (glibc hides fallocate behind _GNU_SOURCE).
         guard let probe = try? IOURing(entries: 1),
               (try? probe.punchHole(descriptor, offset: UInt64(end), length: UInt64(block), tag: 0)) != nil,
-              (try? probe.submit()) == 1 else { return nil }
+              (try? probe.submitAndWait(minimum: 1, milliseconds: 5000)) == true else { return nil }
         var result: Int32?
-        var waiter = pollfd(fd: probe.completionDescriptor, events: Int16(POLLIN), revents: 0)
-        while result == nil, poll(&waiter, 1, 5000) > 0 {
-            probe.drainSignal()
-            probe.reapCompletions { result = $0.result }
-        }
+        probe.reapCompletions { result = $0.result }
         return result == 0 ? UInt32(block) : nil
     }
 }

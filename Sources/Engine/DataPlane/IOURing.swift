@@ -4,47 +4,60 @@ import Glibc
 import Hypervisor
 import VBDInterface
 
-/// One io_uring instance (liburing) for one worker thread. Submissions carry a 64-bit tag
-/// that comes back with the completion; completions also signal an eventfd, so the worker
-/// can poll the ring together with its event channel.
+/// One io_uring instance (liburing), used by one thread: the first one that queues or waits
+/// on it. Submissions carry a 64-bit tag that comes back with the completion. The ring is
+/// also where that thread sleeps: `watch` turns a descriptor's readiness into completions
+/// (multishot poll), so one io_uring_enter both submits and waits for I/O and events alike.
 final class IOURing {
-    /// What a finished operation returned: bytes moved, 0, or -errno.
+    /// What a finished operation returned: bytes moved, 0, or -errno; `more` when a watch
+    /// stays armed after this completion.
     struct Completion: Sendable {
         let tag: UInt64
         let result: Int32
+        let more: Bool
     }
 
     private var ring = io_uring()
-    /// Readable whenever completions were posted since the last `drainSignal()`.
-    let completionDescriptor: Int32
     let entries: UInt32
+    /// Created disabled: enabled by the thread that first uses it (IORING_SETUP_SINGLE_ISSUER).
+    private var disabled: Bool
 
+    /// Prefers completions run only when the owning thread waits (DEFER_TASKRUN, Linux 6.1):
+    /// an I/O completing wakes nobody but that thread, and only when it asks. Older kernels
+    /// get cooperative task running (5.19), then plain rings.
     init(entries: UInt32) throws {
         self.entries = entries
-        let status = io_uring_queue_init(entries, &ring, 0)
+        let preferred: [UInt32] = [
+            IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_R_DISABLED,
+            IORING_SETUP_COOP_TASKRUN,
+            0,
+        ]
+        var status: Int32 = -EINVAL
+        var chosen: UInt32 = 0
+        for flags in preferred {
+            var parameters = io_uring_params()
+            parameters.flags = flags
+            status = io_uring_queue_init_params(entries, &ring, &parameters)
+            chosen = flags
+            if status != -EINVAL { break }
+        }
         if status < 0 { throw SystemCallError(operation: "io_uring_queue_init(\(entries))", errno: -status) }
-        let descriptor = eventfd(0, Int32(EFD_NONBLOCK | EFD_CLOEXEC))
-        if descriptor < 0 {
-            let error = errno
-            io_uring_queue_exit(&ring)
-            throw SystemCallError(operation: "eventfd", errno: error)
-        }
-        let registered = io_uring_register_eventfd(&ring, descriptor)
-        if registered < 0 {
-            close(descriptor)
-            io_uring_queue_exit(&ring)
-            throw SystemCallError(operation: "io_uring_register_eventfd", errno: -registered)
-        }
-        completionDescriptor = descriptor
+        disabled = chosen & IORING_SETUP_R_DISABLED != 0
     }
 
-    deinit {
-        io_uring_queue_exit(&ring)
-        close(completionDescriptor)
+    deinit { io_uring_queue_exit(&ring) }
+
+    /// The calling thread becomes the ring's only submitter.
+    private func enableIfNeeded() throws {
+        guard disabled else { return }
+        let status = curing_enable_rings(&ring)
+        if status < 0 { throw SystemCallError(operation: "io_uring_enable_rings", errno: -status) }
+        disabled = false
     }
 
     /// Takes a submission slot, submitting what is queued first when the ring is full.
     private func nextEntry() throws -> UnsafeMutablePointer<io_uring_sqe> {
+        try enableIfNeeded()
         if let entry = io_uring_get_sqe(&ring) { return entry }
         try submit()
         guard let entry = io_uring_get_sqe(&ring) else { throw SystemCallError(operation: "io_uring_get_sqe", errno: EBUSY) }
@@ -79,9 +92,18 @@ final class IOURing {
         io_uring_sqe_set_data64(entry, tag)
     }
 
+    /// A completion tagged `tag` each time `descriptor` becomes readable, until one comes
+    /// without `more` (then watch again).
+    func watch(_ descriptor: Int32, tag: UInt64) throws {
+        let entry = try nextEntry()
+        io_uring_prep_poll_multishot(entry, descriptor, UInt32(POLLIN))
+        io_uring_sqe_set_data64(entry, tag)
+    }
+
     /// Hands everything queued to the kernel.
     @discardableResult
     func submit() throws -> Int {
+        try enableIfNeeded()
         while true {
             let submitted = io_uring_submit(&ring)
             if submitted >= 0 { return Int(submitted) }
@@ -90,22 +112,41 @@ final class IOURing {
         }
     }
 
+    /// Submits what is queued, then waits until at least `minimum` completions are posted or
+    /// `milliseconds` pass (nil: no limit); 0 only collects finished work. Whether
+    /// completions are waiting.
+    @discardableResult
+    func submitAndWait(minimum: UInt32, milliseconds: Int? = nil) throws -> Bool {
+        try enableIfNeeded()
+        let status: Int32
+        if minimum == 0 {
+            status = io_uring_submit_and_get_events(&ring)
+        } else if let milliseconds {
+            var timeout = __kernel_timespec(tv_sec: Int64(milliseconds / 1000), tv_nsec: Int64(milliseconds % 1000) * 1_000_000)
+            var completion: UnsafeMutablePointer<io_uring_cqe>?
+            status = io_uring_submit_and_wait_timeout(&ring, &completion, minimum, &timeout, nil)
+        } else {
+            status = io_uring_submit_and_wait(&ring, minimum)
+        }
+        // A timeout is not always reported as such (the count of submissions hides it), so
+        // what counts is whether completions are there.
+        if status < 0 && status != -ETIME && status != -EINTR {
+            throw SystemCallError(operation: "io_uring_enter", errno: -status)
+        }
+        return io_uring_cq_ready(&ring) > 0
+    }
+
     /// Calls `body` for each posted completion without blocking; returns how many there were.
     @discardableResult
     func reapCompletions(_ body: (Completion) -> Void) -> Int {
         var count = 0
         var entry: UnsafeMutablePointer<io_uring_cqe>?
         while io_uring_peek_cqe(&ring, &entry) == 0, let completion = entry {
-            body(Completion(tag: io_uring_cqe_get_data64(completion), result: completion.pointee.res))
+            body(Completion(tag: io_uring_cqe_get_data64(completion), result: completion.pointee.res,
+                            more: completion.pointee.flags & IORING_CQE_F_MORE != 0))
             io_uring_cqe_seen(&ring, completion)
             count += 1
         }
         return count
-    }
-
-    /// Clears the eventfd's count; call before reaping so no completion is missed.
-    func drainSignal() {
-        var value: UInt64 = 0
-        _ = Glibc.read(completionDescriptor, &value, 8)
     }
 }

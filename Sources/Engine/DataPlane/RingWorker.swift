@@ -69,8 +69,8 @@ private final class RequestSlot {
     }
 }
 
-/// Serves one shared ring on its own thread (blkback's xen_blkif_schedule): waits in poll()
-/// on its event channel, its io_uring's completion eventfd and a wakeup eventfd; takes
+/// Serves one shared ring on its own thread (blkback's xen_blkif_schedule): sleeps in its
+/// io_uring, where I/O completions, its event channel and a wakeup eventfd all arrive; takes
 /// requests with the final-check rule, maps the grants of each batch taken together, submits
 /// them to io_uring and answers them as they complete.
 final class RingWorker: @unchecked Sendable {
@@ -105,7 +105,10 @@ final class RingWorker: @unchecked Sendable {
     /// The barrier waiting for earlier requests to finish; nothing new is taken meanwhile.
     private var heldBarrier: Int?
     private var moreToDo = true
-    private var submissionsQueued = false
+    /// The event channel's watch fired: pending ports to take.
+    private var eventsFired = true
+    /// io_uring refused submissions for want of resources; retry shortly.
+    private var submissionBlocked = false
     private var responsesQueued = false
     private var halted = false
     /// Requests of the current batch whose grants are mapped together at its end.
@@ -179,35 +182,40 @@ final class RingWorker: @unchecked Sendable {
     // MARK: event loop
 
     private func run() {
-        var descriptors = [pollfd(fd: eventChannels.fileDescriptor, events: Int16(POLLIN), revents: 0),
-                           pollfd(fd: uring.completionDescriptor, events: Int16(POLLIN), revents: 0),
-                           pollfd(fd: wakeup, events: Int16(POLLIN), revents: 0)]
+        do {
+            try uring.watch(eventChannels.fileDescriptor, tag: Self.eventChannelTag)
+            try uring.watch(wakeup, tag: Self.wakeupTag)
+        } catch {
+            logger.critical("cannot wait on the event channel: \(error); ring stopped")
+            halted = true
+        }
         while true {
             let stopping = stopRequested.load(ordering: .acquiring)
             if stopping && inflight == 0 { break }
             let canTake = !stopping && !halted && heldBarrier == nil
-            // More to take or to submit: only peek at the descriptors. Persistent grants wake
-            // an idle ring once a second, so unused ones are released after 60 s.
-            let timeout: Int32 = (canTake && moreToDo) ? 0 : (submissionsQueued ? 1 : (grants.persistentCount > 0 ? 1000 : -1))
-            let ready = poll(&descriptors, nfds_t(descriptors.count), timeout)
-            if ready < 0 && errno != EINTR {
-                logger.critical("poll failed: \(String(cString: strerror(errno))); ring stopped")
+            // More to take: only collect what finished. Persistent grants wake an idle ring
+            // once a second, so unused ones are released after 60 s.
+            let busy = canTake && moreToDo
+            let timeout: Int? = submissionBlocked ? 1 : (grants.persistentCount > 0 ? 1000 : nil)
+            do {
+                try uring.submitAndWait(minimum: busy ? 0 : 1, milliseconds: timeout)
+                submissionBlocked = false
+            } catch let error as SystemCallError where error.errno == EAGAIN || error.errno == EBUSY {
+                statistics.update { $0.outOfResources += 1 }
+                submissionBlocked = true
+            } catch {
+                logger.critical("io_uring failed: \(error); ring stopped")
                 halted = true
                 if inflight == 0 { break }
                 usleep(1000)
-                continue
             }
-            if descriptors[2].revents != 0 {
-                var count: UInt64 = 0
-                _ = read(wakeup, &count, 8)
-            }
-            if descriptors[0].revents != 0 { takeEvents() }
-            if descriptors[1].revents != 0 { uring.drainSignal() }
             reapCompletions()
+            if eventsFired { takeEvents() }
+            // Answers go out before new requests are queued.
+            pushResponses()
             if !stopRequested.load(ordering: .acquiring) && !halted && heldBarrier == nil && moreToDo {
                 takeRequests()
             }
-            submit()
             pushResponses()
             purgePersistentGrants()
         }
@@ -215,8 +223,9 @@ final class RingWorker: @unchecked Sendable {
     }
 
     /// Drains the handle's pending ports and unmasks ours again; a later event while we work
-    /// only makes the next poll return at once.
+    /// posts another watch completion.
     private func takeEvents() {
+        eventsFired = false
         do {
             for port in try eventChannels.pending() {
                 try eventChannels.unmask(port)
@@ -451,7 +460,25 @@ final class RingWorker: @unchecked Sendable {
 
     // MARK: io_uring
 
+    /// Completion tags of the two watches; request slots use their index.
+    static let eventChannelTag = UInt64.max
+    static let wakeupTag = UInt64.max - 1
+
     private func tag(_ index: Int) -> UInt64 { UInt64(index) }
+
+    /// The event channel or the wakeup eventfd became readable; a watch that ended (no
+    /// `more`) is armed again.
+    private func watchFired(_ completion: IOURing.Completion) {
+        if completion.tag == Self.eventChannelTag {
+            eventsFired = true
+        } else {
+            var count: UInt64 = 0
+            _ = read(wakeup, &count, 8)
+        }
+        guard !completion.more else { return }
+        let descriptor = completion.tag == Self.eventChannelTag ? eventChannels.fileDescriptor : wakeup
+        do { try uring.watch(descriptor, tag: completion.tag) } catch { warn("watching descriptor \(descriptor) again: \(error)") }
+    }
 
     private func submitStage(_ index: Int) {
         let slot = slots[index]
@@ -481,7 +508,6 @@ final class RingWorker: @unchecked Sendable {
             case .idle, .waitingForDrain:
                 return
             }
-            submissionsQueued = true
         } catch {
             warn("queueing I/O: \(error)")
             slot.status = .error
@@ -489,22 +515,14 @@ final class RingWorker: @unchecked Sendable {
         }
     }
 
-    private func submit() {
-        guard submissionsQueued else { return }
-        do {
-            try uring.submit()
-            submissionsQueued = false
-        } catch let error as SystemCallError where error.errno == EAGAIN || error.errno == EBUSY {
-            statistics.update { $0.outOfResources += 1 }
-        } catch {
-            logger.critical("io_uring submission failed: \(error)")
-            submissionsQueued = false
-            halted = true
-        }
-    }
-
     private func reapCompletions() {
         uring.reapCompletions { completion in
+            switch completion.tag {
+            case Self.eventChannelTag, Self.wakeupTag:
+                return watchFired(completion)
+            default:
+                break
+            }
             let index = Int(completion.tag)
             let slot = slots[index]
             slot.outstanding -= 1
