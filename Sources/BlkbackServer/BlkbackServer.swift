@@ -7,6 +7,7 @@ import Logging
 import SimHypervisor
 
 extension Logger.Level: @retroactive ExpressibleByArgument {}
+extension BlkbackDataPlane.IOPolicy: ExpressibleByArgument {}
 
 /// The dom0 daemon: serves backend/<kind> VBDs from xenstore.
 @main
@@ -66,6 +67,13 @@ struct BlkbackServer: ParsableCommand {
 
     @Option(help: "Grants each ring keeps mapped with persistent grants (least recently used purged first; 0...65536).")
     var maxPersistentGrants: Int = BackendConfiguration.defaultMaxPersistentGrants
+
+    @Option(help: ArgumentHelp("""
+        How guest pages not kept mapped by persistent grants reach the disk: auto (direct I/O; \
+        grant copy where gntdev may unmap after the answer, as on real Xen), direct-copy (always \
+        grant copy), buffered (dom0's page cache).
+        """, valueName: "mode"))
+    var ioMode: BlkbackDataPlane.IOPolicy = .auto
 
     @Option(help: "The domain this backend runs in.")
     var domid: UInt32 = 0
@@ -169,7 +177,7 @@ struct BlkbackServer: ParsableCommand {
         } catch {
             fail("\(error)", code: 2)
         }
-        let dataPlane = BlkbackDataPlane(services: services, logger: Logger(label: "blkback.data"))
+        let dataPlane = BlkbackDataPlane(services: services, policy: ioMode, logger: Logger(label: "blkback.data"))
 
         let store: XenStore
         do {

@@ -34,6 +34,17 @@ public final class SimGrantMapper: GrantMapper, @unchecked Sendable {
         }
     }
 
+    public func copy(domain: UInt32, _ direction: GrantCopyDirection, _ segments: [GrantCopySegment]) throws {
+        guard let first = segments.first else { return }
+        let target: SimGrantDomain
+        do {
+            target = try domainState(domain)
+        } catch let error as HypervisorError {
+            throw HypervisorError.grantCopyRefused(domain: domain, ref: first.ref, reason: "no such domain (\(error))")
+        }
+        try target.copy(direction, segments, by: UInt16(truncatingIfNeeded: localDomain))
+    }
+
     /// The open files of `domain`, reopened when the domain was destroyed and created again
     /// (its directory is a new inode then).
     private func domainState(_ domain: UInt32) throws -> SimGrantDomain {
@@ -131,6 +142,34 @@ final class SimGrantDomain: @unchecked Sendable {
             } catch {
                 for ref in refs.prefix(frames.count).reversed() { unpin(ref, writable: writable) }
                 throw error
+            }
+        }
+    }
+
+    /// Xen's gnttab_copy: each segment's grant is acquired like a mapping (its flags say it
+    /// is in use meanwhile), the bytes copied through the guest's memory file, and released.
+    func copy(_ direction: GrantCopyDirection, _ segments: [GrantCopySegment], by mapper: UInt16) throws {
+        let toGuest = direction == .toGuest
+        try locked {
+            for segment in segments {
+                let length = Int(segment.length)
+                guard Int(segment.offset) + length <= SimLayout.pageSize else {
+                    throw HypervisorError.grantCopyRefused(domain: domain, ref: segment.ref,
+                                                           reason: "\(length) bytes at offset \(segment.offset) cross the page")
+                }
+                let frame: UInt32
+                do {
+                    frame = try pin(segment.ref, writable: toGuest, by: mapper)
+                } catch HypervisorError.grantRefused(_, let ref, let reason) {
+                    throw HypervisorError.grantCopyRefused(domain: domain, ref: ref, reason: reason)
+                }
+                defer { unpin(segment.ref, writable: toGuest) }
+                let position = off_t(frame) * off_t(SimLayout.pageSize) + off_t(segment.offset)
+                let done = toGuest ? pwrite(memory, segment.local, length, position) : pread(memory, segment.local, length, position)
+                guard done == length else {
+                    throw HypervisorError.grantCopyRefused(domain: domain, ref: segment.ref,
+                                                           reason: "copy failed: \(HypervisorError.text(Glibc.errno))")
+                }
             }
         }
     }

@@ -128,7 +128,8 @@ final class BackendRig {
 
     /// Runs `body` against a fresh rig; everything started is stopped and removed afterwards,
     /// whatever `body` does.
-    static func run(_ body: (BackendRig) throws -> Void) throws {
+    static func run(configuration: BackendConfiguration = BackendConfiguration(),
+                    ioPolicy: BlkbackDataPlane.IOPolicy = .auto, _ body: (BackendRig) throws -> Void) throws {
         let dir = SimDirectory()
         defer { dir.remove() }
         let xen = try InProcessXen(directory: dir.path)
@@ -146,8 +147,9 @@ final class BackendRig {
 
         let store = try openXenStore(socket: xen.layout.xenstoredSocket)
         let managerStore = try openXenStore(socket: xen.layout.xenstoredSocket)
-        let dataPlane = BlkbackDataPlane(services: try .simulator(directory: dir.path), logger: quietLogger("test.dataplane"))
-        let manager = try BackendManager(configuration: BackendConfiguration(), store: managerStore, dataPlane: dataPlane,
+        let dataPlane = BlkbackDataPlane(services: try .simulator(directory: dir.path), policy: ioPolicy,
+                                         logger: quietLogger("test.dataplane"))
+        let manager = try BackendManager(configuration: configuration, store: managerStore, dataPlane: dataPlane,
                                          logger: quietLogger("test.control"))
         let rig = BackendRig(directory: dir.path, xen: xen, store: store, managerStore: managerStore, manager: manager,
                              diskPath: diskPath)

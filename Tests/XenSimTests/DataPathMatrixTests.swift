@@ -5,7 +5,9 @@ import XenSim
 
 /// Every shape of ring a frontend can negotiate, verified end to end through the control
 /// plane and the data plane: protocol × queues × ring order × persistent grants × indirect
-/// segments, each combination writing, flushing and reading back stamped sectors.
+/// segments × how pages not kept mapped travel (mapped per request, or grant copy with a
+/// persistent limit small enough to overflow), each writing, flushing and reading back
+/// stamped sectors.
 @Suite struct DataPathMatrixTests {
     struct Shape: CustomTestStringConvertible {
         var queues: Int
@@ -25,9 +27,11 @@ import XenSim
         }
     }
 
-    @Test(arguments: [BlkifProtocol.native, .x86_32, .x86_64])
-    func everyRingShapeVerifiesItsData(_ abi: BlkifProtocol) throws {
-        try BackendRig.run { rig in
+    @Test(arguments: [BlkifProtocol.native, .x86_32, .x86_64], [BlkbackDataPlane.IOPolicy.auto, .directCopy])
+    func everyRingShapeVerifiesItsData(_ abi: BlkifProtocol, _ policy: BlkbackDataPlane.IOPolicy) throws {
+        var configuration = BackendConfiguration()
+        if policy == .directCopy { configuration.maxPersistentGrants = 64 }
+        try BackendRig.run(configuration: configuration, ioPolicy: policy) { rig in
             try rig.attach()
             for shape in Self.shapes {
                 var options = BlockfrontOptions()
@@ -42,9 +46,11 @@ import XenSim
                 let log = MessageLog()
                 let run = try FrontendRun(device: try rig.frontend(options: options),
                                           configuration: FrontendConfiguration(workload: workload), log: log.append)
+                // The manager publishes its snapshots after it handled the frontend's Connected.
+                #expect(rig.waitForSnapshots { $0.first?.frontendState == .connected && $0.first?.ioMode != nil })
                 let snapshot = try #require(rig.onlySnapshot)
                 #expect(snapshot.persistentGrants == shape.persistent, "\(shape.testDescription)")
-                #expect(snapshot.ioMode == (shape.persistent ? .directPersistent : .directMap))
+                #expect(snapshot.ioMode == (shape.persistent ? .directPersistent : policy == .auto ? .directMap : .directCopy))
                 var persistentSeen: UInt64 = 0
                 let report = run.run {
                     persistentSeen = max(persistentSeen, rig.manager.snapshots().first?.statistics?.persistentGrants ?? 0)

@@ -21,6 +21,10 @@ final class CountingGrantMapper: GrantMapper, @unchecked Sendable {
         calls.withLock { $0.append(refs.count) }
         return try inner.map(domain: domain, refs: refs, writable: writable)
     }
+
+    func copy(domain: UInt32, _ direction: GrantCopyDirection, _ segments: [GrantCopySegment]) throws {
+        try inner.copy(domain: domain, direction, segments)
+    }
 }
 
 /// The ring's grant cache (RingGrants) against the simulated hypervisor's grant table, whose
@@ -51,7 +55,7 @@ final class CountingGrantMapper: GrantMapper, @unchecked Sendable {
     }
 
     func request(_ refs: [UInt32], reading: Bool = true) -> RequestGrants {
-        let request = RequestGrants(capacity: refs.count)
+        let request = RequestGrants(capacity: refs.count, copyable: true)
         request.reset(refs: refs, writesGuestPages: reading)
         return request
     }
@@ -154,6 +158,50 @@ final class CountingGrantMapper: GrantMapper, @unchecked Sendable {
         #expect(cache.persistentCount == 2)
         #expect(refs.filter(mapped).count == 2)
         _ = cache.releaseAll()
+    }
+
+    @Test func withCopyPagesPastTheLimitAreCopiedNotMapped() throws {
+        defer { dir.remove() }
+        let cache = RingGrants(mapper: mapper, domain: domid, ringRefs: [], persistent: true, capacity: 2, copyTransient: true)
+        let refs = try grant(4)
+        let r = request(refs)
+        try cache.plan(r, now: 1)
+        cache.mapMissing(CollectionOfOne(r))
+        #expect(mapper.mapCalls == [2], "only the persistent part is mapped")
+        #expect(r.copied == [2, 3])
+        _ = cache.release(r)
+        #expect(refs.filter(mapped) == Array(refs.prefix(2)))
+        // Indirect descriptor pages are never copied: the backend reads them itself.
+        let indirect = RequestGrants(capacity: 1, copyable: false)
+        indirect.reset(refs: [refs[3]], writesGuestPages: false)
+        try cache.plan(indirect, now: 2)
+        cache.mapMissing(CollectionOfOne(indirect))
+        #expect(indirect.copied.isEmpty && indirect.page(0).load(as: UInt64.self) == 0xC0DE_0003)
+        _ = cache.release(indirect)
+        _ = cache.releaseAll()
+    }
+
+    @Test func grantCopyMovesBytesAndHoldsTheGrantOnlyMeanwhile() throws {
+        defer { dir.remove() }
+        let refs = try grant(2)
+        let readOnly = try grant(1, readOnly: true)
+        let local = UnsafeMutableRawPointer.allocate(byteCount: 8192, alignment: 4096)
+        defer { local.deallocate() }
+        memset(local, 0, 8192)
+        try mapper.copy(domain: domid, .fromGuest, [GrantCopySegment(ref: refs[1], offset: 0, length: 512, local: local)])
+        #expect(local.load(as: UInt64.self) == 0xC0DE_0001)
+        local.storeBytes(of: UInt64(0xFEED), toByteOffset: 1024, as: UInt64.self)
+        try mapper.copy(domain: domid, .toGuest, [GrantCopySegment(ref: refs[0], offset: 1024, length: 512, local: local + 1024)])
+        let frame = table.entry(refs[0]).frame
+        #expect(memory.page(frame).load(fromByteOffset: 1024, as: UInt64.self) == 0xFEED)
+        #expect(!refs.contains(where: mapped), "a copy holds the grant only while it copies")
+        #expect(throws: HypervisorError.self) {
+            try mapper.copy(domain: domid, .toGuest, [GrantCopySegment(ref: readOnly[0], offset: 0, length: 512, local: local)])
+        }
+        #expect(throws: HypervisorError.self) {
+            try mapper.copy(domain: domid, .fromGuest, [GrantCopySegment(ref: refs[0], offset: 3584, length: 1024, local: local)])
+        }
+        #expect(!(refs + readOnly).contains(where: mapped))
     }
 
     @Test func idleGrantsArePurgedLeastRecentlyUsedFirstAndAfterSixtySeconds() throws {

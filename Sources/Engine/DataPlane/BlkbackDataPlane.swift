@@ -9,13 +9,27 @@ import VBDInterface
 /// The data plane of Linux xen-blkback (blkback.c) over the hypervisor ports and io_uring:
 /// one worker thread per ring. With feature-persistent agreed, each ring keeps the guest's
 /// pages mapped across requests (RingGrants); otherwise each batch of requests maps its pages
-/// and every request unmaps them before it is answered.
+/// and every request unmaps them before it is answered, or (direct-copy) has them copied by
+/// the hypervisor through daemon memory.
 public final class BlkbackDataPlane: DataPlane {
+    /// How pages not kept mapped reach the backing store (the operator's --io-mode).
+    public enum IOPolicy: String, Sendable, CaseIterable {
+        /// Direct I/O; pages mapped per request where an unmap is done when it returns (the
+        /// simulator), grant copy where it may lag behind direct I/O (gntdev since Linux 5.19).
+        case auto
+        /// Direct I/O on daemon memory filled and emptied by grant copy.
+        case directCopy = "direct-copy"
+        /// dom0's page cache, on mapped pages.
+        case buffered
+    }
+
     private let services: HypervisorServices
+    private let policy: IOPolicy
     private let logger: Logger
 
-    public init(services: HypervisorServices, logger: Logger) {
+    public init(services: HypervisorServices, policy: IOPolicy = .auto, logger: Logger) {
         self.services = services
+        self.policy = policy
         self.logger = logger
     }
 
@@ -24,17 +38,21 @@ public final class BlkbackDataPlane: DataPlane {
         var logger = self.logger
         logger[metadataKey: "vbd"] = "\(request.vbd)"
         let store = request.backingStore
-        let io = try IODescriptor(store: store, allowDirect: services.grants.unmapIsSynchronousAfterDirectIO)
+        let io = try IODescriptor(store: store, allowDirect: policy != .buffered)
         var features = Self.features(of: store, io: io, discardEnabled: request.discardEnabled)
         features.persistentGrants = request.rings.persistentGrants
-        let ioMode: IOMode = !io.direct ? .buffered : features.persistentGrants ? .directPersistent : .directMap
+        // Pages that are not kept mapped are copied whenever direct I/O could outlive their unmap.
+        let copyTransient = io.direct && (policy == .directCopy || !services.grants.unmapIsSynchronousAfterDirectIO)
+        let ioMode: IOMode = !io.direct ? .buffered : features.persistentGrants ? .directPersistent
+            : copyTransient ? .directCopy : .directMap
         let maxIndirect = min(max(request.maxIndirectSegments, 0), Blkif.maxIndirectSegments)
         let device = DeviceContext(
             domid: request.vbd.domid.rawValue, descriptor: io.descriptor,
             limits: BlkifRequestLimits(sectors: store.sectors, readOnly: store.readOnly, maxIndirectSegments: maxIndirect,
                                        sectorsPerBlock: UInt64(max(store.logicalSectorSize, 512) / 512)),
             features: features, ringRefs: Set(request.rings.queues.flatMap(\.ringRefs)),
-            persistentGrants: features.persistentGrants, maxPersistentGrants: request.maxPersistentGrants)
+            persistentGrants: features.persistentGrants, maxPersistentGrants: request.maxPersistentGrants,
+            copyTransient: copyTransient)
 
         var workers: [RingWorker] = []
         do {
@@ -106,9 +124,9 @@ struct DataPlaneError: Error, CustomStringConvertible {
     init(_ description: String) { self.description = description }
 }
 
-/// The backing store's descriptor for guest I/O: reopened with O_DIRECT when the grant mapper
-/// allows it and the store takes direct I/O of its sector size, else a duplicate of the
-/// buffered one (FLUSH still fdatasyncs).
+/// The backing store's descriptor for guest I/O: reopened with O_DIRECT unless the operator
+/// asked for buffered I/O and when the store takes direct I/O of its sector size, else a
+/// duplicate of the buffered one (FLUSH still fdatasyncs).
 final class IODescriptor: Sendable {
     let descriptor: Int32
     let direct: Bool

@@ -56,17 +56,25 @@ final class RequestGrants {
     /// Pages still to map: those that become persistent entries, and the others.
     fileprivate var missingPersistent: [Int] = []
     fileprivate var missingTransient: [Int] = []
+    /// Pages that travel by grant copy through daemon memory instead of being mapped; the
+    /// data plane points `pages` at that memory.
+    fileprivate(set) var copied: [Int] = []
     /// Persistent entries this request marked in use.
     fileprivate var held: [UInt32] = []
     /// The region of every page mapped for this request alone.
     fileprivate var transient: [GrantRegion] = []
     fileprivate(set) var refusal: GrantRefusal?
+    /// Whether pages may travel by copy: data pages may, indirect descriptor pages (which
+    /// the backend itself reads) are always mapped.
+    let copyable: Bool
 
-    init(capacity: Int) {
+    init(capacity: Int, copyable: Bool) {
+        self.copyable = copyable
         refs.reserveCapacity(capacity)
         pages.reserveCapacity(capacity)
         missingPersistent.reserveCapacity(capacity)
         missingTransient.reserveCapacity(capacity)
+        copied.reserveCapacity(capacity)
         held.reserveCapacity(capacity)
     }
 
@@ -79,6 +87,9 @@ final class RequestGrants {
         refusal = nil
     }
 
+    /// Where a copied page's bytes live in daemon memory.
+    func place(_ index: Int, at memory: UnsafeMutableRawPointer) { pages[index] = memory }
+
     func page(_ index: Int) -> UnsafeMutableRawPointer {
         guard let page = pages[index] else { preconditionFailure("page \(index) of a request used before it was mapped") }
         return page
@@ -87,7 +98,8 @@ final class RequestGrants {
 
 /// The grants one ring's requests use, as Linux blkback keeps them (persistent_gnts): with
 /// persistent grants negotiated, up to `capacity` refs stay mapped across requests, purged
-/// least recently used first and after 60 s unused; everything else is mapped for one request.
+/// least recently used first and after 60 s unused; everything else is mapped for one request,
+/// or copied when `copyTransient` (where an unmap may lag behind direct I/O, as with gntdev).
 /// A batch of requests misses are mapped with one call per kind of mapping. Worker-thread only.
 final class RingGrants {
     /// Linux blkback's LRU_INTERVAL, LRU_PERCENT_CLEAN and xen_blkif_pgrant_timeout.
@@ -105,6 +117,7 @@ final class RingGrants {
 
     let persistent: Bool
     let capacity: Int
+    let copyTransient: Bool
     private let mapper: any GrantMapper
     private let domain: UInt32
     private let ringRefs: Set<UInt32>
@@ -113,7 +126,9 @@ final class RingGrants {
     private var lastPurge: UInt64 = 0
 
     /// `persistent`: the frontend and this backend agreed on feature-persistent.
-    init(mapper: any GrantMapper, domain: UInt32, ringRefs: Set<UInt32>, persistent: Bool, capacity: Int) {
+    init(mapper: any GrantMapper, domain: UInt32, ringRefs: Set<UInt32>, persistent: Bool, capacity: Int,
+         copyTransient: Bool = false) {
+        self.copyTransient = copyTransient
         self.mapper = mapper
         self.domain = domain
         self.ringRefs = ringRefs
@@ -152,6 +167,8 @@ final class RingGrants {
                     entries[ref] = Entry(region: nil, lastUse: now)
                     request.held.append(ref)
                     request.missingPersistent.append(index)
+                } else if copyTransient && request.copyable {
+                    request.copied.append(index)
                 } else {
                     request.missingTransient.append(index)
                 }
@@ -226,6 +243,7 @@ final class RingGrants {
         request.transient.removeAll(keepingCapacity: true)
         request.missingPersistent.removeAll(keepingCapacity: true)
         request.missingTransient.removeAll(keepingCapacity: true)
+        request.copied.removeAll(keepingCapacity: true)
         return failures
     }
 
@@ -239,6 +257,11 @@ final class RingGrants {
             }
         }
         request.held.removeAll(keepingCapacity: true)
+    }
+
+    /// GNTTABOP_copy of copied pages, for requests of this ring.
+    func copy(_ direction: GrantCopyDirection, _ segments: [GrantCopySegment]) throws {
+        try mapper.copy(domain: domain, direction, segments)
     }
 
     /// At most every 100 ms: unmaps idle entries unused for 60 s and, when the cache is full,

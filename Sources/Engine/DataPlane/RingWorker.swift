@@ -22,6 +22,8 @@ struct DeviceContext: Sendable {
     /// feature-persistent agreed, and the persistent grants each ring may keep mapped.
     let persistentGrants: Bool
     let maxPersistentGrants: Int
+    /// Pages not kept mapped travel by grant copy through daemon memory (direct-copy).
+    let copyTransient: Bool
 }
 
 /// One request between being taken off the ring and being answered (blkback's pending_req).
@@ -38,8 +40,8 @@ private final class RequestSlot {
     var status = BlkifResponseStatus.okay
     /// The data segments (copied off the ring or out of the indirect pages) and their pages.
     var segments: [BlkifSegment] = []
-    let data = RequestGrants(capacity: Blkif.maxSegmentsPerRequest)
-    let indirect = RequestGrants(capacity: Blkif.maxIndirectPagesPerRequest)
+    let data = RequestGrants(capacity: Blkif.maxSegmentsPerRequest, copyable: true)
+    let indirect = RequestGrants(capacity: Blkif.maxIndirectPagesPerRequest, copyable: false)
     var isWrite = false
     var offset: UInt64 = 0
     var bytes: UInt64 = 0
@@ -52,6 +54,10 @@ private final class RequestSlot {
     var vectors: UnsafeMutablePointer<iovec>
     var vectorCapacity: Int
     var vectorCount = 0
+    /// Page-aligned daemon memory for the pages copied rather than mapped (O_DIRECT needs the
+    /// alignment); page i of the request is page i here. Up to 11 pages stay allocated.
+    private var bounce: UnsafeMutableRawPointer?
+    private var bouncePages = 0
 
     init() {
         vectorCapacity = Blkif.maxSegmentsPerRequest
@@ -59,7 +65,39 @@ private final class RequestSlot {
         segments.reserveCapacity(Blkif.maxSegmentsPerRequest)
     }
 
-    deinit { vectors.deallocate() }
+    deinit {
+        vectors.deallocate()
+        bounce?.deallocate()
+    }
+
+    /// Page `index` of the bounce memory, grown to `pages` pages.
+    func bouncePage(_ index: Int, of pages: Int) -> UnsafeMutableRawPointer {
+        if pages > bouncePages {
+            bounce?.deallocate()
+            bounce = .allocate(byteCount: pages * Blkif.pageSize, alignment: Blkif.pageSize)
+            bouncePages = pages
+        }
+        return bounce! + index * Blkif.pageSize
+    }
+
+    /// Gives back bounce memory beyond what a direct request needs.
+    func trimBounce() {
+        guard bouncePages > Blkif.maxSegmentsPerRequest else { return }
+        bounce?.deallocate()
+        bounce = nil
+        bouncePages = 0
+    }
+
+    /// The GNTTABOP_copy segments of the request's copied pages: the sectors each segment uses.
+    func copySegments(into list: inout [GrantCopySegment]) {
+        for index in data.copied {
+            let segment = segments[index]
+            let offset = Int(segment.firstSect) * Blkif.sectorSize
+            list.append(GrantCopySegment(ref: data.refs[index], offset: UInt16(offset),
+                                         length: UInt16(Int(segment.sectorCount) * Blkif.sectorSize),
+                                         local: data.page(index) + offset))
+        }
+    }
 
     func reserveVectors(_ count: Int) {
         guard count > vectorCapacity else { return }
@@ -113,6 +151,9 @@ final class RingWorker: @unchecked Sendable {
     private var halted = false
     /// Requests of the current batch whose grants are mapped together at its end.
     private var awaitingGrants: [Int] = []
+    /// READs whose data is in bounce memory, copied to the guest together before answering.
+    private var awaitingCopyOut: [Int] = []
+    private var copySegments: [GrantCopySegment] = []
     private var lastWarning: UInt64 = 0
     private var publishedPersistentGrants: UInt64 = 0
 
@@ -132,7 +173,8 @@ final class RingWorker: @unchecked Sendable {
         self.localPort = localPort
         self.eventChannels = eventChannels
         self.grants = RingGrants(mapper: grants, domain: device.domid, ringRefs: device.ringRefs,
-                                 persistent: device.persistentGrants, capacity: device.maxPersistentGrants)
+                                 persistent: device.persistentGrants, capacity: device.maxPersistentGrants,
+                                 copyTransient: device.copyTransient)
         self.ringMapping = ringMapping
         self.device = device
         ring = BackRing(attaching: shared)
@@ -402,14 +444,43 @@ final class RingWorker: @unchecked Sendable {
     private func mapAwaitingGrants() {
         guard !awaitingGrants.isEmpty else { return }
         grants.mapMissing(awaitingGrants.lazy.map { self.slots[$0].data })
+        for index in awaitingGrants where slots[index].data.refusal == nil {
+            let slot = slots[index]
+            for page in slot.data.copied { slot.data.place(page, at: slot.bouncePage(page, of: slot.segments.count)) }
+        }
+        let refused = copyGrants(.fromGuest, of: awaitingGrants.filter { slots[$0].isWrite && slots[$0].data.refusal == nil })
         for index in awaitingGrants {
             if let refusal = slots[index].data.refusal {
                 fail(index, .error, "data pages: \(refusal)")
+            } else if let reason = refused[index] {
+                fail(index, .error, "copying data pages: \(reason)")
             } else {
                 startTransfer(index)
             }
         }
         awaitingGrants.removeAll(keepingCapacity: true)
+    }
+
+    /// The copied pages of `requests`, with one GNTTABOP_copy for all of them; when the
+    /// hypervisor refuses it, request by request, so that only a request naming a bad grant
+    /// fails. Returns the requests that failed, with why.
+    private func copyGrants(_ direction: GrantCopyDirection, of requests: [Int]) -> [Int: String] {
+        let copying = requests.filter { !slots[$0].data.copied.isEmpty }
+        guard !copying.isEmpty else { return [:] }
+        copySegments.removeAll(keepingCapacity: true)
+        for index in copying { slots[index].copySegments(into: &copySegments) }
+        do {
+            try grants.copy(direction, copySegments)
+            return [:]
+        } catch where copying.count == 1 {
+            return [copying[0]: "\(error)"]
+        } catch {
+            var refused: [Int: String] = [:]
+            for index in copying {
+                refused.merge(copyGrants(direction, of: [index])) { first, _ in first }
+            }
+            return refused
+        }
     }
 
     /// The request's pages are mapped: I/O vectors, counters, then submission (a barrier
@@ -542,9 +613,22 @@ final class RingWorker: @unchecked Sendable {
             if slot.stage == .data && slot.status == .okay && slot.flushAfter {
                 slot.stage = .flush
                 submitStage(index)
+            } else if slot.stage == .data && slot.status == .okay && !slot.isWrite && !slot.data.copied.isEmpty {
+                awaitingCopyOut.append(index)
             } else {
                 finish(index)
             }
+        }
+        if !awaitingCopyOut.isEmpty {
+            let refused = copyGrants(.toGuest, of: awaitingCopyOut)
+            for index in awaitingCopyOut {
+                if let reason = refused[index] {
+                    fail(index, .error, "copying data to the guest: \(reason)")
+                } else {
+                    finish(index)
+                }
+            }
+            awaitingCopyOut.removeAll(keepingCapacity: true)
         }
         startBarrierIfDrained()
     }
@@ -563,6 +647,7 @@ final class RingWorker: @unchecked Sendable {
         let slot = slots[index]
         for failure in grants.release(slot.data) { warn("unmapping data pages: \(failure)") }
         slot.data.reset(refs: EmptyCollection(), writesGuestPages: false)
+        slot.trimBounce()
         ring.putResponse(BlkifResponse(id: slot.id, operation: slot.operation, status: slot.status))
         responsesQueued = true
         let elapsed = DispatchTime.now().uptimeNanoseconds &- slot.started

@@ -10,8 +10,36 @@ public protocol GrantMapper: AnyObject, Sendable {
     /// pages. Linux gntdev (since 5.19's async unmap) defers the grant unmap while O_DIRECT
     /// still holds page references, so a response sent right after unmap reaches a frontend
     /// whose grant is still in use — blkfront then disables the disk ("backed has not unmapped
-    /// grant"). Where this is false, guest I/O goes through the page cache.
+    /// grant"). Where this is false, pages not kept mapped are copied by the hypervisor for
+    /// direct I/O (GNTTABOP_copy), never unmapped right before an answer.
     var unmapIsSynchronousAfterDirectIO: Bool { get }
+    /// GNTTABOP_copy: the hypervisor copies between pages `domain` granted and our memory,
+    /// mapping nothing (what QEMU's qdisk does). Every segment is tried; throws naming the
+    /// first one refused.
+    func copy(domain: UInt32, _ direction: GrantCopyDirection, _ segments: [GrantCopySegment]) throws
+}
+
+public enum GrantCopyDirection: Sendable {
+    /// Granted pages → our memory (the data of a WRITE).
+    case fromGuest
+    /// Our memory → granted pages (the data of a READ); the grants must be writable.
+    case toGuest
+}
+
+/// One GNTTABOP_copy segment: `length` bytes between `local` and the page behind `ref`,
+/// starting `offset` bytes into it (offset + length ≤ 4096).
+public struct GrantCopySegment {
+    public var ref: UInt32
+    public var offset: UInt16
+    public var length: UInt16
+    public var local: UnsafeMutableRawPointer
+
+    public init(ref: UInt32, offset: UInt16, length: UInt16, local: UnsafeMutableRawPointer) {
+        self.ref = ref
+        self.offset = offset
+        self.length = length
+        self.local = local
+    }
 }
 
 /// Granted pages mapped into this process. Owns the mapping: `unmap()` releases it once

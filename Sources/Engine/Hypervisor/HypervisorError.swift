@@ -11,6 +11,8 @@ public enum HypervisorError: Error, CustomStringConvertible, Sendable, Equatable
     case grantRefused(domain: UInt32, ref: UInt32, reason: String)
     /// A mapping could not be undone.
     case grantUnmapFailed(domain: UInt32, pages: Int, errno: Int32)
+    /// A grant copy was refused; `ref` is the first offending grant reference.
+    case grantCopyRefused(domain: UInt32, ref: UInt32, reason: String)
     /// An event channel operation failed with an errno (as Xen's hypercall would return it).
     case eventChannel(operation: String, port: UInt32, errno: Int32)
 
@@ -24,6 +26,8 @@ public enum HypervisorError: Error, CustomStringConvertible, Sendable, Equatable
                 + "start `xensim run --dir DIR` and create the domain with `xensim domain create`"
         case let .grantRefused(domain, ref, reason):
             return "cannot map grant ref \(ref) of domain \(domain): \(reason)"
+        case let .grantCopyRefused(domain, ref, reason):
+            return "cannot copy grant ref \(ref) of domain \(domain): \(reason)"
         case let .grantUnmapFailed(domain, pages, errno):
             return "cannot unmap \(pages) granted page(s) of domain \(domain): \(HypervisorError.text(errno))"
         case let .eventChannel(operation, port, errno):
@@ -37,7 +41,7 @@ public enum HypervisorError: Error, CustomStringConvertible, Sendable, Equatable
         case let .deviceUnavailable(_, e, _), let .simulatorUnavailable(_, e),
              let .grantUnmapFailed(_, _, e), let .eventChannel(_, _, e):
             return e
-        case .grantRefused:
+        case .grantRefused, .grantCopyRefused:
             return nil
         }
     }

@@ -23,6 +23,34 @@ public final class XenGrantMapper: GrantMapper, @unchecked Sendable {
 
     deinit { xengnttab_close(handle) }
 
+    public func copy(domain: UInt32, _ direction: GrantCopyDirection, _ segments: [GrantCopySegment]) throws {
+        guard !segments.isEmpty else { return }
+        try withUnsafeTemporaryAllocation(of: xengnttab_grant_copy_segment_t.self, capacity: segments.count) { operations in
+            for (index, segment) in segments.enumerated() {
+                var operation = xengnttab_grant_copy_segment_t()
+                let foreign = xengnttab_copy_ptr(foreign: .init(ref: segment.ref, offset: segment.offset,
+                                                                domid: UInt16(truncatingIfNeeded: domain)))
+                let local = xengnttab_copy_ptr(virt: segment.local)
+                switch direction {
+                case .fromGuest:
+                    (operation.source, operation.dest, operation.flags) = (foreign, local, UInt16(BLKBACK_GNTCOPY_SOURCE_GREF))
+                case .toGuest:
+                    (operation.source, operation.dest, operation.flags) = (local, foreign, UInt16(BLKBACK_GNTCOPY_DEST_GREF))
+                }
+                operation.len = segment.length
+                (operations.baseAddress! + index).initialize(to: operation)
+            }
+            guard xengnttab_grant_copy(handle, UInt32(segments.count), operations.baseAddress) == 0 else {
+                throw HypervisorError.grantCopyRefused(domain: domain, ref: segments[0].ref,
+                                                       reason: "\(segments.count) segment(s): \(HypervisorError.text(Glibc.errno))")
+            }
+            if let bad = operations.firstIndex(where: { $0.status != BLKBACK_GNTST_OKAY }) {
+                throw HypervisorError.grantCopyRefused(domain: domain, ref: segments[bad].ref,
+                                                       reason: "hypervisor status \(operations[bad].status)")
+            }
+        }
+    }
+
     public func map(domain: UInt32, refs: [UInt32], writable: Bool) throws -> GrantMapping {
         guard let first = refs.first else {
             throw HypervisorError.grantRefused(domain: domain, ref: 0, reason: "no grant refs given")
