@@ -5,7 +5,7 @@
 # prints everything the host needs as "E2E-..." lines on the console, then powers off.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 E2E=/e2e
-. $E2E/config   # SECONDS_EACH, BACKENDS
+. $E2E/config   # SECONDS_EACH, BACKENDS, ROUNDS
 LOG=/var/log/e2e; mkdir -p $LOG
 say() { echo "E2E-DOM0 $*"; }
 # Wait up to $2 seconds for the test "$1" to hold.
@@ -51,14 +51,16 @@ print_negotiated() { # backend domid kind
 api() { curl -sS -m 10 "$@"; }
 
 # One guest: create, watch its console for the steps that need dom0, wait until it is gone.
-run_guest() { # backend disk-spec hotplug force
+# mode full runs every check, perf only the verified write and the timed workloads;
+# blkfront is the guest's xen-blkfront parameters (key:value,...).
+run_guest() { # label disk-spec hotplug force mode blkfront
     local b=$1 name=e2e-$1 domid t0=$(date +%s)
     cat > /tmp/$name.cfg <<CFG
 name = "$name"
 type = "pv"
 kernel = "$KERNEL"
 ramdisk = "$E2E/guest.cpio"
-extra = "console=hvc0 quiet e2e_backend=$b e2e_seconds=$SECONDS_EACH e2e_hotplug=$3 e2e_force=$4"
+extra = "console=hvc0 quiet e2e_backend=$b e2e_seconds=$SECONDS_EACH e2e_hotplug=$3 e2e_force=$4 e2e_mode=$5 e2e_blkfront=$6"
 memory = 768
 vcpus = 2
 disk = [ '$2' ]
@@ -81,7 +83,10 @@ CFG
     fi
     local con=/var/log/xen/console/guest-$name.log
     local api_ok=0
-    if [ "$b" = ours ] && api -f http://127.0.0.1:8080/healthz >/dev/null 2>&1; then api_ok=1; fi
+    if [ "${b%%-*}" = ours ] && api -f http://127.0.0.1:8080/healthz >/dev/null 2>&1; then
+        api_ok=1
+        api http://127.0.0.1:8080/v1/vbds/$domid/51712 | sed "s/^/E2E-API backend=$b vbd: /"; echo
+    fi
     if [ "$3" = 1 ]; then
         if wait_for "grep -q 'phase=await-xvdb' $con" $((SECONDS_EACH * 6 + 400)); then
             if [ $api_ok = 1 ]; then check_api_counters $domid $con; fi
@@ -135,38 +140,55 @@ check_api_counters() { # domid console-log
     echo "E2E-RESULT backend=ours test=api-counters ok=$ok guest_rd=$rd api_rd_req=$got_rd guest_wr=$wr guest_fl=$fl api_wr_plus_f_req=$got_wr"
 }
 
-for b in $BACKENDS; do
-    case $b in
+# blkback-server around one guest: started before it, stopped (SIGTERM) after it.
+run_ours() { # label hotplug force mode blkfront
+    if lsmod | grep -q '^xen_blkback'; then modprobe -r xen-blkback; fi
+    /e2e/blkback-server --kind vbd --listen 127.0.0.1:8080 --log-level $LOG_LEVEL >>$LOG/blkback-server.log 2>&1 &
+    DAEMON=$!
+    wait_for "api -f http://127.0.0.1:8080/healthz >/dev/null 2>&1 || ! kill -0 $DAEMON 2>/dev/null" 60
+    kill -0 $DAEMON 2>/dev/null || { say "blkback-server exited at start"; cat $LOG/blkback-server.log; }
+    local force=$3
+    if api -f http://127.0.0.1:8080/healthz >/dev/null 2>&1; then say "api=available"
+    else force=0; say "api=unavailable"; echo "E2E-RESULT backend=$1 test=api-counters skipped=1 reason=no-http-api"
+         echo "E2E-RESULT backend=$1 test=api-forced-close skipped=1 reason=no-http-api"; fi
+    follow $LOG/blkback-server.log blkback-server
+    run_guest $1 "phy:$DATA_DISK,xvda,w" $2 $force $4 $5
+    if kill -0 $DAEMON 2>/dev/null; then
+        kill -TERM $DAEMON; t=0; while kill -0 $DAEMON 2>/dev/null && [ $t -lt 20 ]; do sleep 0.5; t=$((t+1)); done
+        wait $DAEMON; rc=$?
+        echo "E2E-RESULT backend=$1 test=daemon-stop ok=$([ $rc = 0 ] && echo 1 || echo 0) exit=$rc"
+    else
+        wait $DAEMON; echo "E2E-RESULT backend=$1 test=daemon-alive ok=0 exit=$?"
+    fi
+    unfollow blkback-server
+}
+
+# One guest on backend b: every check in the first round, the timed workloads after.
+run_backend() { # backend mode
+    case $1 in
     kernel)
         modprobe xen-blkback && say "xen-blkback loaded"
-        run_guest kernel "phy:$DATA_DISK,xvda,w" 0 0
+        run_guest kernel "phy:$DATA_DISK,xvda,w" 0 0 $2 -
         modprobe -r xen-blkback && say "xen-blkback unloaded" || say "xen-blkback unload failed"
         ;;
     qdisk)
-        run_guest qdisk "format=raw,vdev=xvda,access=rw,backendtype=qdisk,target=$DATA_DISK" 0 0
+        run_guest qdisk "format=raw,vdev=xvda,access=rw,backendtype=qdisk,target=$DATA_DISK" 0 0 $2 -
         ;;
     ours)
-        if lsmod | grep -q '^xen_blkback'; then modprobe -r xen-blkback; fi
-        /e2e/blkback-server --kind vbd --listen 127.0.0.1:8080 --log-level $LOG_LEVEL >$LOG/blkback-server.log 2>&1 &
-        DAEMON=$!
-        wait_for "api -f http://127.0.0.1:8080/healthz >/dev/null 2>&1 || ! kill -0 $DAEMON 2>/dev/null" 60
-        kill -0 $DAEMON 2>/dev/null || { say "blkback-server exited at start"; cat $LOG/blkback-server.log; }
-        if api -f http://127.0.0.1:8080/healthz >/dev/null 2>&1; then API=1; say "api=available"
-        else API=0; say "api=unavailable"; echo "E2E-RESULT backend=ours test=api-counters skipped=1 reason=no-http-api"
-             echo "E2E-RESULT backend=ours test=api-forced-close skipped=1 reason=no-http-api"; fi
-        follow $LOG/blkback-server.log blkback-server
-        run_guest ours "phy:$DATA_DISK,xvda,w" 1 $API
-        if kill -0 $DAEMON 2>/dev/null; then
-            kill -TERM $DAEMON; t=0; while kill -0 $DAEMON 2>/dev/null && [ $t -lt 20 ]; do sleep 0.5; t=$((t+1)); done
-            wait $DAEMON; rc=$?
-            echo "E2E-RESULT backend=ours test=daemon-stop ok=$([ $rc = 0 ] && echo 1 || echo 0) exit=$rc"
-        else
-            wait $DAEMON; echo "E2E-RESULT backend=ours test=daemon-alive ok=0 exit=$?"
-        fi
-        unfollow blkback-server
+        if [ $2 = full ]; then run_ours ours 1 1 full -; else run_ours ours 0 0 perf -; fi
         ;;
     esac
+}
+
+# Rounds alternate the backends, so that the medians of each workload share the machine's
+# moods; then blkback-server once more with a multi-page, multi-queue guest.
+for round in $(seq 1 $ROUNDS); do
+    say "phase=round-$round"
+    for b in $BACKENDS; do run_backend $b $([ $round = 1 ] && echo full || echo perf); done
 done
+case " $BACKENDS " in *" ours "*)
+    run_ours ours-order4 0 0 full max_ring_page_order:4,max_queues:2 ;;
+esac
 say "phase=done uptime=$(cut -d' ' -f1 /proc/uptime)"
 sync
 echo o > /proc/sysrq-trigger

@@ -5,7 +5,7 @@
 #
 # Environment: E2E_CACHE (default /var/tmp/blkback-e2e), E2E_TIMEOUT (QEMU wall clock, s,
 # default 2400), E2E_SECONDS (per fio job, default 10), E2E_BACKENDS (default
-# "kernel qdisk ours"), E2E_LOG_LEVEL (blkback-server, default info), E2E_SKIP_BUILD=1.
+# "kernel qdisk ours"), E2E_ROUNDS (rounds of timed workloads, default 3), E2E_LOG_LEVEL (blkback-server, default info), E2E_SKIP_BUILD=1.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -13,6 +13,7 @@ CACHE=${E2E_CACHE:-/var/tmp/blkback-e2e}
 TIMEOUT=${E2E_TIMEOUT:-2400}
 SECONDS_EACH=${E2E_SECONDS:-10}
 BACKENDS=${E2E_BACKENDS:-kernel qdisk ours}
+ROUNDS=${E2E_ROUNDS:-3}
 LOG_LEVEL=${E2E_LOG_LEVEL:-info}
 RUN=$CACHE/run
 start=$(date +%s)
@@ -64,6 +65,7 @@ install -m 755 "$here/dom0-init.sh" "$RUN/payload/dom0-init.sh"
 cat > "$RUN/payload/config" <<CFG
 SECONDS_EACH=$SECONDS_EACH
 BACKENDS="$BACKENDS"
+ROUNDS=$ROUNDS
 LOG_LEVEL=$LOG_LEVEL
 DATA_DISK=/dev/vdc
 HOTPLUG_DISK="phy:/dev/vdd,xvdb,w"
