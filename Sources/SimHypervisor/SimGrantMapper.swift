@@ -45,6 +45,20 @@ public final class SimGrantMapper: GrantMapper, @unchecked Sendable {
         try target.copy(direction, segments, by: UInt16(truncatingIfNeeded: localDomain))
     }
 
+    /// What Xen does when a process holding grant mappings dies (its gntdev handle closes):
+    /// the pins recorded in the ledgers of processes no longer alive are released, so the
+    /// guest can take those grants back. Run by the simulated hypervisor (`xensim run`).
+    public static func releasePinsOfDeadProcesses(directory: String) {
+        let layout = SimLayout(directory: directory)
+        for domid in SimLayout.directoryEntries(layout.domainsDirectory).compactMap(UInt32.init) {
+            let dir = layout.domainDirectory(domid)
+            let ledgers = SimLayout.directoryEntries(dir).filter { $0.hasPrefix(SimGrantDomain.ledgerPrefix) }
+            guard !ledgers.isEmpty, let domain = try? SimGrantDomain(layout: layout, domain: domid, directoryInode: 0,
+                                                                     keepsLedger: false) else { continue }
+            for name in ledgers { domain.releaseLedger(at: "\(dir)/\(name)") }
+        }
+    }
+
     /// The open files of `domain`, reopened when the domain was destroyed and created again
     /// (its directory is a new inode then).
     private func domainState(_ domain: UInt32) throws -> SimGrantDomain {
@@ -61,7 +75,16 @@ public final class SimGrantMapper: GrantMapper, @unchecked Sendable {
 }
 
 /// One guest's grant state as the simulated hypervisor sees it.
+///
+/// Each process that maps also keeps a ledger, DIR/domains/<N>/pins.<pid>.<n>, of the pins it
+/// holds per ref, flock'ed while the process lives: when it dies without unmapping, the
+/// hypervisor (`releasePinsOfDeadProcesses`) finds the lock free and releases those pins.
 final class SimGrantDomain: @unchecked Sendable {
+    static let ledgerPrefix = "pins."
+    /// Per ref in a ledger: u32 read-only pins, u32 writable pins.
+    static let ledgerEntrySize = 8
+    private static let ledgerCount = Atomic<Int>(0)
+
     /// Xen keeps pin counts in 8-bit fields per kind and fails GNTST_general_error on overflow.
     static let maxPins: UInt32 = 0xFFFF
     /// Per ref in grant-active: u32 read-only pins, u32 writable pins, u32 frame, u16 mapping domid.
@@ -75,14 +98,31 @@ final class SimGrantDomain: @unchecked Sendable {
     private let pageCount: UInt32
     /// flock excludes other processes; the mutex excludes our own threads (flock is per open file).
     private let lock = Mutex(())
+    private let ledger: SimSharedFile?
 
-    init(layout: SimLayout, domain: UInt32, directoryInode: UInt64) throws {
+    init(layout: SimLayout, domain: UInt32, directoryInode: UInt64, keepsLedger: Bool = true) throws {
         self.domain = domain
         self.directoryInode = directoryInode
         table = try SimGrantTable(path: layout.grantTable(domain))
         active = try SimSharedFile(path: layout.grantActive(domain))
         guard active.size >= table.entryCount * SimGrantDomain.activeEntrySize else {
             throw HypervisorError.simulatorUnavailable(path: layout.grantActive(domain), errno: EINVAL)
+        }
+        if keepsLedger {
+            let number = SimGrantDomain.ledgerCount.add(1, ordering: .relaxed).newValue
+            let path = "\(layout.domainDirectory(domain))/\(SimGrantDomain.ledgerPrefix)\(getpid()).\(number)"
+            let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+            guard fd >= 0, ftruncate(fd, off_t(table.entryCount * SimGrantDomain.ledgerEntrySize)) == 0 else {
+                let error = Glibc.errno
+                if fd >= 0 { close(fd); unlink(path) }
+                throw HypervisorError.simulatorUnavailable(path: path, errno: error)
+            }
+            close(fd)
+            ledger = try SimSharedFile(path: path)
+            // Held until this process closes the file: by deinit, or by dying.
+            flock(ledger!.descriptor, LOCK_EX)
+        } else {
+            ledger = nil
         }
         let path = layout.memory(domain)
         let fd = open(path, O_RDWR | O_CLOEXEC)
@@ -93,7 +133,34 @@ final class SimGrantDomain: @unchecked Sendable {
         pageCount = UInt32(clamping: Int(info.st_size) / SimLayout.pageSize)
     }
 
-    deinit { close(memory) }
+    /// Every mapping of ours is gone by now (each holds this object): the ledger is empty.
+    deinit {
+        close(memory)
+        if let ledger { unlink(ledger.path) }
+    }
+
+    /// Releases the pins of the ledger at `path` if its process is gone, then removes it.
+    func releaseLedger(at path: String) {
+        let fd = open(path, O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else { return }
+        defer { close(fd) }
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0, let dead = try? SimSharedFile(path: path) else { return }
+        locked {
+            for ref in 0..<UInt32(min(table.entryCount, dead.size / SimGrantDomain.ledgerEntrySize)) {
+                let entry = dead.base + Int(ref) * SimGrantDomain.ledgerEntrySize
+                for _ in 0..<entry.load(as: UInt32.self) { unpin(ref, writable: false) }
+                for _ in 0..<entry.load(fromByteOffset: 4, as: UInt32.self) { unpin(ref, writable: true) }
+            }
+        }
+        unlink(path)
+    }
+
+    /// The ledger's count of `ref`'s pins of one kind, changed by `delta`.
+    private func record(_ ref: UInt32, writable: Bool, _ delta: Int32) {
+        guard let ledger else { return }
+        let slot = (ledger.base + Int(ref) * SimGrantDomain.ledgerEntrySize + (writable ? 4 : 0)).assumingMemoryBound(to: UInt32.self)
+        slot.pointee = UInt32(bitPattern: Int32(bitPattern: slot.pointee) &+ delta)
+    }
 
     private struct Active {
         var readOnlyPins: UInt32
@@ -209,6 +276,7 @@ final class SimGrantDomain: @unchecked Sendable {
         }
         if writable { act.writablePins += 1 } else { act.readOnlyPins += 1 }
         storeActive(ref, act)
+        record(ref, writable: writable, 1)
         return act.frame
     }
 
@@ -243,6 +311,9 @@ final class SimGrantDomain: @unchecked Sendable {
     /// Xen's unmap: writable pins gone → clear GTF_writing; all pins gone → clear GTF_reading.
     private func unpin(_ ref: UInt32, writable: Bool) {
         var act = loadActive(ref)
+        // A ledger of a dead process never holds more than the table counted.
+        guard (writable ? act.writablePins : act.readOnlyPins) > 0 else { return }
+        record(ref, writable: writable, -1)
         if writable { act.writablePins -= 1 } else { act.readOnlyPins -= 1 }
         if act.writablePins == 0 { table.clearFlags(ref, GrantFlags.writing) }
         if act.pins == 0 { table.clearFlags(ref, GrantFlags.reading) }

@@ -32,6 +32,20 @@ public struct SimLayout: Sendable {
     public func grantTable(_ domid: UInt32) -> String { "\(domainDirectory(domid))/grant-table" }
     public func grantActive(_ domid: UInt32) -> String { "\(domainDirectory(domid))/grant-active" }
     public var eventChannelDirectory: String { "\(directory)/evtchn" }
+
+    /// The names in `path` (not . and ..); empty when it cannot be read.
+    public static func directoryEntries(_ path: String) -> [String] {
+        guard let dir = opendir(path) else { return [] }
+        defer { closedir(dir) }
+        var names: [String] = []
+        while let entry = readdir(dir) {
+            let name = withUnsafePointer(to: entry.pointee.d_name) {
+                $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) }
+            }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        return names
+    }
     public func eventChannelSocket(_ domid: UInt32) -> String { "\(eventChannelDirectory)/dom\(domid).sock" }
 }
 

@@ -97,9 +97,17 @@ public final class EventLoop {
         }
     }
 
-    /// Dispatches until `stop()`.
-    public func run() throws {
+    /// Dispatches until `stop()`; calls `tick` about once a second, and at least that often.
+    public func run(tick: (() -> Void)? = nil) throws {
         stopping = false
-        while !stopping { try runOnce() }
+        var last = monotonicNanoseconds()
+        while !stopping {
+            try runOnce(timeoutMilliseconds: tick == nil ? -1 : 1000)
+            let now = monotonicNanoseconds()
+            if let tick, now &- last >= 1_000_000_000 {
+                last = now
+                tick()
+            }
+        }
     }
 }

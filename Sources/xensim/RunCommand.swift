@@ -103,7 +103,7 @@ struct RunCommand: ParsableCommand {
         }
         logger.info("xensim running in \(directory.directory) (pid \(getpid()))")
         do {
-            try loop.run()
+            try loop.run(tick: broker.tick)
         } catch {
             logger.error("event loop failed: \(error)")
         }

@@ -57,6 +57,25 @@ import XenSim
         #expect(rig.daemon.isRunning)
     }
 
+    @Test func aKilledDaemonsGrantMappingsAreReleasedByTheHypervisor() throws {
+        let rig = try Rig("killed-daemon", attach: true)
+        defer { rig.stop() }
+        let guest = try rig.guest(["--workload", "randrw", "--seconds", "3600"])
+        defer { guest.stop(signal: SIGKILL, grace: 1) }
+        #expect(try rig.waitForBackend("4"), "backend never Connected: \(rig.daemon.output)")
+        #expect(try rig.waitForStamps(rig.disk, inFirst: 64 << 20, atLeast: 64))
+        let grants = try GuestGrantTable(directory: rig.sim.path, domid: 1)
+        let refs = 0..<UInt32(grants.entryCount)
+        #expect(refs.contains(where: grants.isMappedByBackend), "the serving daemon maps the guest's ring")
+
+        // SIGKILL: nothing of the daemon's own teardown runs. As Xen does when a process's
+        // gntdev handle closes, the simulated hypervisor releases its mappings.
+        _ = rig.signalDaemon(SIGKILL)
+        #expect(try eventually { !refs.contains(where: grants.isMappedByBackend) },
+                "grants still mapped after the daemon died: \(refs.filter(grants.isMappedByBackend).prefix(8))")
+        rig.daemon = try DaemonRig.startDaemon(rig.sim)
+    }
+
     @Test func killedGuestAndDestroyedDomainReleaseTheDeviceWhileAnotherGuestIsServed() throws {
         let rig = try Rig("destroy")
         defer { rig.stop() }

@@ -59,7 +59,7 @@ final class InProcessXen: @unchecked Sendable {
             throw error
         }
         let thread = Thread { [self] in
-            do { try loop.run() } catch { failure.withLock { $0 = "event loop failed: \(error)" } }
+            do { try loop.run(tick: broker.tick) } catch { failure.withLock { $0 = "event loop failed: \(error)" } }
             exited.signal()
         }
         thread.name = "test-xensim"

@@ -241,6 +241,14 @@ public final class EventChannelBroker: @unchecked Sendable {
         unwatchAndClose(fd)
         let owned = ports[domid]?.filter { $0.value.owner == fd }.map(\.key) ?? []
         for port in owned { closePort(domain: domid, port: port) }
+        // A client gone may be a process gone: its grant mappings go with it, as in Xen.
+        SimGrantMapper.releasePinsOfDeadProcesses(directory: layout.directory)
+    }
+
+    /// The periodic part of the hypervisor's housekeeping: pins of processes that died after
+    /// their event-channel connections closed (`xensim run` calls it every second).
+    public func tick() {
+        SimGrantMapper.releasePinsOfDeadProcesses(directory: layout.directory)
     }
 
     private func dropDoomed() {

@@ -80,16 +80,8 @@ public enum SimDomain {
 
     /// Domids with state under DIR/domains, ascending.
     public static func list(directory: String) -> [UInt32] {
-        guard let dir = opendir(SimLayout(directory: directory).domainsDirectory) else { return [] }
-        defer { closedir(dir) }
-        var found: [UInt32] = []
-        while let entry = readdir(dir) {
-            let name = withUnsafePointer(to: entry.pointee.d_name) {
-                $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) }
-            }
-            if let domid = UInt32(name), String(domid) == name { found.append(domid) }
-        }
-        return found.sorted()
+        SimLayout.directoryEntries(SimLayout(directory: directory).domainsDirectory)
+            .compactMap { name in UInt32(name).flatMap { String($0) == name ? $0 : nil } }.sorted()
     }
 
     private static func makeDirectory(_ path: String) throws {
@@ -105,8 +97,9 @@ public enum SimDomain {
         guard ftruncate(fd, off_t(size)) == 0 else { throw SimDomainError.io(path: path, errno: Glibc.errno) }
     }
 
+    /// The domain's files, and the pin ledgers of processes that mapped its grants.
     private static func removeTree(_ dir: String) {
-        for name in ["memory", "grant-table", "grant-active"] { unlink("\(dir)/\(name)") }
+        for name in SimLayout.directoryEntries(dir) { unlink("\(dir)/\(name)") }
         rmdir(dir)
     }
 }
