@@ -24,6 +24,13 @@ struct BlkbackServer: ParsableCommand {
               XENSTORED_PATH    xenstored socket (libxenstore); --sim sets it to DIR/xenstored.sock when unset
               XENSTORED_RUNDIR  directory of xenstored's socket (libxenstore)
 
+            SIGNALS
+              SIGTERM  planned restart (systemctl restart): in-flight requests are answered, \
+            connected devices stay Connected and their rings' journals stay in --state-dir; the \
+            next blkback-server takes them over without the guests noticing.
+              SIGINT   shutdown: in-flight requests are answered and every connected device is \
+            closed (its guest sees Closed).
+
             EXIT CODES
               0  stopped by SIGTERM/SIGINT after draining in-flight I/O
               1  xenstored unreachable, watches or the explicitly requested API address failed
@@ -74,6 +81,13 @@ struct BlkbackServer: ParsableCommand {
         grant copy), buffered (dom0's page cache).
         """, valueName: "mode"))
     var ioMode: BlkbackDataPlane.IOPolicy = .auto
+
+    @Option(help: ArgumentHelp("""
+        Where each ring's journal lives, so that the next daemon takes connected devices over \
+        after a restart or a crash; kept across restarts, not across reboots (default \
+        /run/blkback-server; with --sim, DIR/blkback-server).
+        """, valueName: "dir"))
+    var stateDir: String?
 
     @Option(help: "The domain this backend runs in.")
     var domid: UInt32 = 0
@@ -177,7 +191,12 @@ struct BlkbackServer: ParsableCommand {
         } catch {
             fail("\(error)", code: 2)
         }
-        let dataPlane = BlkbackDataPlane(services: services, policy: ioMode, logger: Logger(label: "blkback.data"))
+        let journals = stateDir ?? sim.map { $0 + "/blkback-server" } ?? "/run/blkback-server"
+        guard mkdir(journals, 0o700) == 0 || errno == EEXIST else {
+            fail("cannot create the state directory \(journals): \(String(cString: strerror(errno))); choose one with --state-dir", code: 2)
+        }
+        let dataPlane = BlkbackDataPlane(services: services, policy: ioMode, journalDirectory: journals,
+                                         logger: Logger(label: "blkback.data"))
 
         let store: XenStore
         do {
@@ -245,10 +264,11 @@ struct BlkbackServer: ParsableCommand {
         var signals = stopSignals
         var received: Int32 = 0
         sigwait(&signals, &received)
-        logger.info("received signal \(received); stopping")
+        let handingOver = received == SIGTERM
+        logger.info("received signal \(received); \(handingOver ? "leaving connected devices to the next daemon" : "closing every device")")
         // The API first: no new commands reach a control plane that is closing devices.
         server.stop()
-        manager.stop()
+        manager.stop(handingOver: handingOver)
         // Everything the frontends need is written; what is left (the xenstore connection and
         // its watch thread, which libxenstore would cancel in xs_close) goes with the process.
         logger.info("stopped")

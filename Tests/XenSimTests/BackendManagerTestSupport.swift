@@ -147,7 +147,7 @@ final class BackendRig {
 
         let store = try openXenStore(socket: xen.layout.xenstoredSocket)
         let managerStore = try openXenStore(socket: xen.layout.xenstoredSocket)
-        let dataPlane = BlkbackDataPlane(services: try .simulator(directory: dir.path), policy: ioPolicy,
+        let dataPlane = BlkbackDataPlane(services: try .simulator(directory: dir.path), policy: ioPolicy, journalDirectory: dir.path,
                                          logger: quietLogger("test.dataplane"))
         let manager = try BackendManager(configuration: configuration, store: managerStore, dataPlane: dataPlane,
                                          logger: quietLogger("test.control"))

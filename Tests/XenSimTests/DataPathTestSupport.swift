@@ -34,7 +34,7 @@ final class DataPathGuest {
         services = try HypervisorServices.simulator(directory: dir.path)
         var logger = Logger(label: "datapath-test")
         logger.logLevel = .warning
-        dataPlane = BlkbackDataPlane(services: services, logger: logger)
+        dataPlane = BlkbackDataPlane(services: services, journalDirectory: dir.path, logger: logger)
         imagePath = dir.path + "/disk.img"
         let fd = open(imagePath, O_RDWR | O_CREAT | O_TRUNC, 0o600)
         precondition(fd >= 0 && ftruncate(fd, off_t(imageSectors * 512)) == 0)

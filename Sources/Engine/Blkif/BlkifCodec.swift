@@ -107,10 +107,16 @@ extension BlkifRequest {
         }
     }
 
+    /// Decodes a request from memory only this process writes (a copy it keeps, such as the
+    /// data plane's journal); ring entries go through `BackRing.takeRequest`.
+    public init(decoding entry: UnsafeRawPointer, layout: BlkifLayout) {
+        self.init(copy: RingEntryCopy(copying: entry, byteCount: layout.requestSize), layout: layout)
+    }
+
     /// Writes the request into a ring entry, zeroing the whole entry first so unused
     /// segments and padding hold no stale bytes. Fields are written as given, even
     /// inconsistent ones (a test frontend may lie on purpose).
-    func encode(into entry: UnsafeMutableRawPointer, layout: BlkifLayout) {
+    public func encode(into entry: UnsafeMutableRawPointer, layout: BlkifLayout) {
         entry.initializeMemory(as: UInt8.self, repeating: 0, count: layout.requestSize)
         entry.storeLittleEndian(operation.rawValue, at: BlkifLayout.operationOffset)
         entry.storeLittleEndian(id, at: layout.idOffset)

@@ -86,10 +86,16 @@ public struct BackRing: Sendable {
 
     /// BACK_RING_ATTACH at `start` (0 for a fresh ring).
     public init(attaching shared: SharedRing, at start: RingIndex = 0) {
+        self.init(resuming: shared, requestConsumer: start, responseProducer: start)
+    }
+
+    /// Attaches where an earlier backend left the ring: requests before `requestConsumer`
+    /// were taken, responses before `responseProducer` written.
+    public init(resuming shared: SharedRing, requestConsumer: RingIndex, responseProducer: RingIndex) {
         self.shared = shared
-        requestConsumer = start
-        responseProducerPrivate = start
-        requestProducerSeen = start
+        self.requestConsumer = requestConsumer
+        responseProducerPrivate = responseProducer
+        requestProducerSeen = requestConsumer
     }
 
     /// Reads req_prod once, rejects an impossible value, and returns how many requests can be

@@ -24,6 +24,7 @@ public final class BackendManager: @unchecked Sendable {
     /// Each VBD's state as of the last loop turn, with its rings for live counters.
     private var published: [(snapshot: VBDSnapshot, rings: (any ConnectedRings)?)] = []
     private var stopRequested = false
+    private var handOverAtStop = false
     private var watching = false
     /// Operator commands waiting for the control-plane thread.
     private var commands: [PendingCommand] = []
@@ -62,12 +63,15 @@ public final class BackendManager: @unchecked Sendable {
     /// True once the backend trees are watched (for /healthz).
     public var isWatching: Bool { lock.withLock { watching } }
 
-    /// Asks the control-plane thread to stop and waits for it: rings are disconnected
-    /// (in-flight requests get a few seconds), watches removed, backing stores closed.
-    public func stop() {
+    /// Asks the control-plane thread to stop and waits for it: in-flight requests are
+    /// answered (within a few seconds), watches removed, backing stores closed. Connected
+    /// devices are closed, or with `handingOver` left Connected with their rings' journals,
+    /// for the next daemon to take over (a planned restart).
+    public func stop(handingOver: Bool = false) {
         let running = lock.withLock {
             let wasRunning = !stopRequested && thread != nil
             stopRequested = true
+            handOverAtStop = handingOver
             return wasRunning
         }
         guard running else { return }
@@ -123,7 +127,7 @@ public final class BackendManager: @unchecked Sendable {
             retryDisconnects()
             publish()
         }
-        shutdown()
+        shutdown(handingOver: lock.withLock { handOverAtStop })
     }
 
     /// backend/<kind>/<domid>, as named in xenstore (checked when its devices are).
@@ -235,6 +239,14 @@ public final class BackendManager: @unchecked Sendable {
                 answerClosingOfUnservedDevice(path)
                 return
             }
+            if state == .connected, online {
+                // A previous daemon left it serving (a planned restart or a crash): resume.
+                guard let frontend = try context.store.read(path + "/frontend"), try context.store.directory(frontend) != nil else { return }
+                let device = VBD(vbd, context: context)
+                devices[vbd] = device
+                device.takeOver()
+                return
+            }
             switch state {
             case .initialising?, .initWait?:
                 break
@@ -302,8 +314,8 @@ public final class BackendManager: @unchecked Sendable {
     }
 
     /// Disconnects every device, giving in-flight requests a bounded time, then unwatches.
-    private func shutdown() {
-        for device in devices.values { forget(device, .shutdown) }
+    private func shutdown(handingOver: Bool) {
+        for device in devices.values { forget(device, handingOver ? .handover : .shutdown) }
         let deadline = Date().addingTimeInterval(Self.shutdownDrainSeconds)
         while !draining.isEmpty, Date() < deadline {
             usleep(UInt32(Self.drainRetryMilliseconds) * 1000)

@@ -51,15 +51,18 @@ extension VBD {
     /// connect_ring: read and validate the frontend's ring description.
     private func connectRing() {
         do {
-            let description = try RingDescription.read(limits: context.configuration.ringLimits) { key in
-                try store.read(frontendPath + "/" + key)
-            }
+            let description = try readRingDescription()
             rings.description = description
             logger.info("using \(description.queues.count) queues, protocol \(description.protocol), ring page order \(description.ringPageOrder)")
             tryConnect()
         } catch {
             fatal(error, during: "reading the ring description")
         }
+    }
+
+    /// The frontend's ring keys, checked against what we offer.
+    func readRingDescription() throws -> RingDescription {
+        try RingDescription.read(limits: context.configuration.ringLimits) { key in try store.read(frontendPath + "/" + key) }
     }
 
     /// xen_update_blkif_status: connect once both the rings and the backing store are there.
@@ -69,13 +72,9 @@ extension VBD {
             logger.info("data plane not available; staying in InitWait")
             return
         }
-        let request = DataPlaneRequest(vbd: identity, backingStore: backingStore, rings: description,
-                                       maxIndirectSegments: context.configuration.maxIndirectSegments,
-                                       discardEnabled: XenbusValue.flag(try? backend("discard-enable"), default: true),
-                                       maxPersistentGrants: context.configuration.maxPersistentGrants)
         let connected: any ConnectedRings
         do {
-            connected = try dataPlane.connect(request)
+            connected = try dataPlane.connect(dataPlaneRequest(backingStore, description))
         } catch {
             fatal(EIO, "mapping rings: \(error)")
             return
@@ -89,6 +88,14 @@ extension VBD {
             fatal(error, during: "publishing the disk", fallback: EIO)
             _ = disconnect()
         }
+    }
+
+    /// What the data plane needs to serve `description`'s rings on `backingStore`.
+    func dataPlaneRequest(_ backingStore: BackingStore, _ description: RingDescription) -> DataPlaneRequest {
+        DataPlaneRequest(vbd: identity, backingStore: backingStore, rings: description,
+                         maxIndirectSegments: context.configuration.maxIndirectSegments,
+                         discardEnabled: XenbusValue.flag(try? backend("discard-enable"), default: true),
+                         maxPersistentGrants: context.configuration.maxPersistentGrants)
     }
 
     /// connect(): what the frontend needs to know about the disk, in one transaction.

@@ -32,6 +32,46 @@ extension VBD {
         }
     }
 
+    /// A device a previous daemon left Connected (a planned restart, or a crash): serve its
+    /// rings again from their journals (`DataPlaneRequest.resume`), writing nothing the
+    /// frontend would act on. What cannot be resumed — no journal, a journal for other rings,
+    /// a frontend that changed its rings meanwhile — closes the device the normal way.
+    func takeOver() {
+        do {
+            try readOtherEnd()
+            disk.mode = AccessMode(xenstore: try backend("mode") ?? "")
+            let source: BackingSource
+            if let device = try backend("physical-device") {
+                guard let number = DeviceNumber(physicalDevice: device) else {
+                    throw XenbusFailure(errno: EINVAL, message: "reading physical-device: '\(XenbusValue.sanitized(device))' is not major:minor")
+                }
+                source = .device(number, pathHint: try backend("physical-device-path"))
+            } else {
+                let params = try backend("params") ?? ""
+                do { source = try BackingSource.params(params) } catch { throw Self.creatingVBD(error) }
+            }
+            disk.requestedTarget = try backend("params") ?? ""
+            guard openBackingStore(source), let backingStore = disk.store else { return }
+            backendState = .connected
+            frontendState = FrontendStateReading(node: try store.read(frontendPath + "/state"))
+            let description = try readRingDescription()
+            guard let dataPlane = context.dataPlane else {
+                throw XenbusFailure(errno: ENODEV, message: "no data plane to take the rings over")
+            }
+            var request = dataPlaneRequest(backingStore, description)
+            request.resume = true
+            let connected = try dataPlane.connect(request)
+            rings.description = description
+            rings.connection = connected
+            rings.features = connected.features
+            try watch(backendPath + "/physical-device", .physicalDevice(identity))
+            try watch(frontendPath + "/state", .frontendState(identity))
+            logger.info("took over the connected device: \(description.queues.count) queue(s), protocol \(description.protocol)")
+        } catch {
+            fatal(error, during: "taking over the connected device", fallback: EIO)
+        }
+    }
+
     /// read_otherend_details: `frontend` must name an existing directory and `frontend-id`
     /// must be the domain in our path.
     private func readOtherEnd() throws {

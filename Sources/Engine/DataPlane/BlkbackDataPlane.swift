@@ -25,12 +25,20 @@ public final class BlkbackDataPlane: DataPlane {
 
     private let services: HypervisorServices
     private let policy: IOPolicy
+    /// Where each ring's journal lives (RingJournal): a directory that outlives the process
+    /// but not the host, /run/blkback-server by default.
+    private let journalDirectory: String
     private let logger: Logger
+    /// This boot's /proc/sys/kernel/random/boot_id: a journal from another boot is stale.
+    private let bootID: String
 
-    public init(services: HypervisorServices, policy: IOPolicy = .auto, logger: Logger) {
+    public init(services: HypervisorServices, policy: IOPolicy = .auto, journalDirectory: String, logger: Logger) {
         self.services = services
         self.policy = policy
+        self.journalDirectory = journalDirectory
         self.logger = logger
+        bootID = ((try? String(contentsOfFile: "/proc/sys/kernel/random/boot_id", encoding: .utf8)) ?? "unknown")
+            .trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
     /// xen_blkif_map for every queue, then the xenblkd threads. All or nothing.
@@ -75,6 +83,19 @@ public final class BlkbackDataPlane: DataPlane {
         return ConnectedVBD(workers: workers, io: io, features: features, ioMode: ioMode, logger: logger)
     }
 
+    /// The journal file of one ring, and the text that names the ring it belongs to: the
+    /// device, what the frontend negotiated and this boot.
+    private func journal(queue: Int, _ description: RingQueue, request: DataPlaneRequest) -> (path: String, identity: String) {
+        let vbd = request.vbd
+        let path = "\(journalDirectory)/\(vbd.kind)-\(vbd.domid)-\(vbd.devid)-ring\(queue).journal"
+        let identity = """
+            \(vbd) queue \(queue) of \(request.rings.queues.count), \(request.rings.protocol), ring page order \
+            \(request.rings.ringPageOrder), ring-ref \(description.ringRefs), event-channel \(description.eventChannel), \
+            persistent \(request.rings.persistentGrants), boot \(bootID)
+            """
+        return (path, identity)
+    }
+
     /// Maps one queue's ring pages, binds its event channel on a handle of its own and
     /// attaches the ring; undoes what it did when a step fails.
     private func makeWorker(queue: Int, _ description: RingQueue, request: DataPlaneRequest,
@@ -85,22 +106,55 @@ public final class BlkbackDataPlane: DataPlane {
         } catch {
             throw DataPlaneError("mapping ring of queue \(queue) (refs \(description.ringRefs)): \(error)")
         }
+        let shared = SharedRing(memory: ringMapping.base, pageCount: ringMapping.pageCount, protocol: request.rings.protocol)
+        let (path, identity) = journal(queue: queue, description, request: request)
+        let journal: RingJournal
+        var recovery: RingJournal.Recovery?
+        do {
+            if request.resume && access(path, F_OK) != 0 {
+                throw RingJournal.Refusal(description: "no journal \(path): the previous daemon left nothing to resume from")
+            }
+            journal = try RingJournal(path: path, identity: identity, ringSize: shared.size, layout: shared.layout)
+            if request.resume {
+                recovery = try journal.recover(identity: identity, ring: shared)
+            } else {
+                journal.start(identity: identity, at: 0)
+            }
+        } catch {
+            try? ringMapping.unmap()
+            throw DataPlaneError("\(request.resume ? "taking over" : "journaling") queue \(queue): \(error)")
+        }
         let eventChannels: any EventChannels
         let port: UInt32
         do {
             eventChannels = try services.openEventChannels()
-            port = try eventChannels.bindInterdomain(remoteDomain: request.vbd.domid.rawValue, remotePort: description.eventChannel)
+            port = try bind(eventChannels, request.vbd.domid.rawValue, description.eventChannel, patiently: request.resume)
         } catch {
             try? ringMapping.unmap()
             throw DataPlaneError("binding event channel \(description.eventChannel) of queue \(queue): \(error)")
         }
         do {
             return try RingWorker(queue: queue, localPort: port, eventChannels: eventChannels, grants: services.grants,
-                                  ringMapping: ringMapping, protocol: request.rings.protocol, device: device, logger: logger)
+                                  ringMapping: ringMapping, shared: shared, journal: journal, recovery: recovery,
+                                  device: device, logger: logger)
         } catch {
             try? eventChannels.unbind(port)
             try? ringMapping.unmap()
             throw DataPlaneError("starting queue \(queue): \(error)")
+        }
+    }
+
+    /// EVTCHNOP_bind_interdomain. Taking a ring over, the guest's port may still be bound to
+    /// the predecessor for a moment (its handle is being closed): try for up to 2 s.
+    private func bind(_ channels: any EventChannels, _ domain: UInt32, _ port: UInt32, patiently: Bool) throws -> UInt32 {
+        var attempts = patiently ? 20 : 1
+        while true {
+            do {
+                return try channels.bindInterdomain(remoteDomain: domain, remotePort: port)
+            } catch let error as HypervisorError where error.errno == EINVAL && attempts > 1 {
+                attempts -= 1
+                usleep(100_000)
+            }
         }
     }
 
@@ -197,8 +251,12 @@ final class ConnectedVBD: ConnectedRings {
     }
 
     /// xen_blkif_disconnect: stop taking requests; -EBUSY (false) while any ring still has
-    /// requests in flight; then stop the threads, unbind, unmap.
-    func disconnect() -> Bool {
+    /// requests in flight; then stop the threads, unbind, unmap, remove the journals.
+    func disconnect() -> Bool { stop(keepingJournals: false) }
+
+    func handOver() -> Bool { stop(keepingJournals: true) }
+
+    private func stop(keepingJournals: Bool) -> Bool {
         released.withLock { done in
             if done { return true }
             for worker in workers { worker.requestStop() }
@@ -209,9 +267,9 @@ final class ConnectedVBD: ConnectedRings {
                 logger.debug("disconnect: \(busy) request(s) in flight")
                 return false
             }
-            for worker in workers { worker.release() }
+            for worker in workers { worker.release(keepingJournal: keepingJournals) }
             done = true
-            logger.info("rings released")
+            logger.info(keepingJournals ? "rings left to the next daemon" : "rings released")
             return true
         }
     }

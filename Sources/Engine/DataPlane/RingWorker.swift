@@ -38,6 +38,8 @@ private final class RequestSlot {
     /// nil for operations without a latency histogram (unknown ones).
     var kind: BlockOperationKind?
     var status = BlkifResponseStatus.okay
+    /// Where the journal keeps the request until its answer is public.
+    var journalSlot = 0
     /// The data segments (copied off the ring or out of the indirect pages) and their pages.
     var segments: [BlkifSegment] = []
     let data = RequestGrants(capacity: Blkif.maxSegmentsPerRequest, copyable: true)
@@ -123,6 +125,9 @@ final class RingWorker: @unchecked Sendable {
     let statistics = RingStatistics()
     private let eventChannels: any EventChannels
     private let grants: RingGrants
+    private let journal: RingJournal
+    /// What a predecessor left unanswered, served before anything new.
+    private var recovery: RingJournal.Recovery?
     private let ringMapping: GrantMapping
     private let device: DeviceContext
     private var ring: BackRing
@@ -158,10 +163,11 @@ final class RingWorker: @unchecked Sendable {
     private var publishedPersistentGrants: UInt64 = 0
 
     /// Takes ownership of `eventChannels` (bound to `localPort`) and `ringMapping`; releases
-    /// them in `release()` once the thread has stopped.
+    /// them in `release()` once the thread has stopped. With `recovery`, the ring resumes
+    /// where a predecessor's journal says it left it.
     init(queue: Int, localPort: UInt32, eventChannels: any EventChannels, grants: any GrantMapper,
-         ringMapping: GrantMapping, protocol abi: BlkifProtocol, device: DeviceContext, logger: Logger) throws {
-        let shared = SharedRing(memory: ringMapping.base, pageCount: ringMapping.pageCount, protocol: abi)
+         ringMapping: GrantMapping, shared: SharedRing, journal: RingJournal, recovery: RingJournal.Recovery?,
+         device: DeviceContext, logger: Logger) throws {
         let chunksPerRequest = max(1, (max(device.limits.maxIndirectSegments, Blkif.maxSegmentsPerRequest)
                                        + Self.maxVectorsPerSubmission - 1) / Self.maxVectorsPerSubmission)
         // Every slot's submissions fit at once, so the completion queue never overflows.
@@ -177,7 +183,11 @@ final class RingWorker: @unchecked Sendable {
                                  copyTransient: device.copyTransient)
         self.ringMapping = ringMapping
         self.device = device
-        ring = BackRing(attaching: shared)
+        ring = recovery.map {
+            BackRing(resuming: shared, requestConsumer: $0.requestConsumer, responseProducer: $0.responseProducer)
+        } ?? BackRing(attaching: shared)
+        self.journal = journal
+        self.recovery = recovery
         slots = (0..<Int(shared.size)).map { _ in RequestSlot() }
         freeSlots = Array((0..<Int(shared.size)).reversed())
         self.logger = logger
@@ -213,9 +223,11 @@ final class RingWorker: @unchecked Sendable {
     }
 
     /// Once the thread exited (waits for it) or never started: unmap the persistent grants,
-    /// unbind the event channel, unmap the ring.
-    func release() {
+    /// unbind the event channel, unmap the ring; remove the journal unless a successor is to
+    /// take the ring over.
+    func release(keepingJournal: Bool = false) {
         if started && !hasExited { exitSignal.wait() }
+        if !keepingJournal { journal.remove() }
         for failure in grants.releaseAll() { logger.warning("unmapping persistent grants: \(failure)") }
         do { try eventChannels.unbind(localPort) } catch { logger.debug("unbinding port \(localPort): \(error)") }
         do { try ringMapping.unmap() } catch { logger.warning("unmapping the ring: \(error)") }
@@ -230,6 +242,10 @@ final class RingWorker: @unchecked Sendable {
         } catch {
             logger.critical("cannot wait on the event channel: \(error); ring stopped")
             halted = true
+        }
+        if let recovery {
+            resume(recovery)
+            self.recovery = nil
         }
         while true {
             let stopping = stopRequested.load(ordering: .acquiring)
@@ -290,7 +306,7 @@ final class RingWorker: @unchecked Sendable {
                     guard try ring.finalCheckForRequests() else { moreToDo = false; return }
                 }
                 while let request = ring.takeRequest() {
-                    dispatch(request)
+                    dispatch(request, at: ring.requestConsumer &- 1)
                     taken += 1
                     if heldBarrier != nil { return }
                     if taken >= Self.requestBudget { return }  // moreToDo stays true
@@ -303,9 +319,31 @@ final class RingWorker: @unchecked Sendable {
         }
     }
 
+    /// What a predecessor left: responses it wrote but never published are written again,
+    /// requests it took and never answered are served again (reads and writes are idempotent
+    /// at the block level; a flush runs again). Notifications sent while no daemon listened
+    /// are lost, so the guest is notified, and the ring is checked, whatever it asked for.
+    private func resume(_ recovery: RingJournal.Recovery) {
+        for (request, status) in recovery.unpublished {
+            let slot = journal.taken(request, at: ring.responseProducerPrivate, resubmitted: true)
+            journal.answered(slot, at: ring.responseProducerPrivate, status: status)
+            ring.putResponse(BlkifResponse(answering: request, status: status))
+            responsesQueued = true
+        }
+        for (ringIndex, request) in recovery.unanswered { dispatch(request, at: ringIndex, resubmitted: true) }
+        mapAwaitingGrants()
+        pushResponses()
+        do { try eventChannels.notify(localPort) } catch { warn("notifying the frontend: \(error)") }
+        moreToDo = true
+        logger.info("""
+            took the ring over at req_cons \(recovery.requestConsumer), rsp_prod \(recovery.responseProducer): \
+            \(recovery.unpublished.count) answer(s) published again, \(recovery.unanswered.count) request(s) served again
+            """)
+    }
+
     /// Classifies and counts the request, validates it once, then starts its operation.
-    private func dispatch(_ request: BlkifRequest) {
-        guard let index = claimSlot(for: request) else { return }
+    private func dispatch(_ request: BlkifRequest, at ringIndex: RingIndex, resubmitted: Bool = false) {
+        guard let index = claimSlot(for: request, at: ringIndex, resubmitted: resubmitted) else { return }
         let kind = request.operationKind
         slots[index].kind = kind
         if let kind { count(kind) }
@@ -339,13 +377,15 @@ final class RingWorker: @unchecked Sendable {
 
     /// A free slot set up for `request`, counted in flight; nil (the request answered with an
     /// error) when none is free.
-    private func claimSlot(for request: BlkifRequest) -> Int? {
+    private func claimSlot(for request: BlkifRequest, at ringIndex: RingIndex, resubmitted: Bool) -> Int? {
+        let journalSlot = journal.taken(request, at: ringIndex, resubmitted: resubmitted)
         guard let index = freeSlots.popLast() else {
             // Cannot happen while slots equal ring entries; answer rather than lose the request.
-            respondNow(request, .error)
+            respondNow(request, .error, journalSlot: journalSlot)
             return nil
         }
         let slot = slots[index]
+        slot.journalSlot = journalSlot
         slot.id = request.id
         slot.operation = request.responseOperation
         slot.status = .okay
@@ -648,6 +688,7 @@ final class RingWorker: @unchecked Sendable {
         for failure in grants.release(slot.data) { warn("unmapping data pages: \(failure)") }
         slot.data.reset(refs: EmptyCollection(), writesGuestPages: false)
         slot.trimBounce()
+        journal.answered(slot.journalSlot, at: ring.responseProducerPrivate, status: slot.status)
         ring.putResponse(BlkifResponse(id: slot.id, operation: slot.operation, status: slot.status))
         responsesQueued = true
         let elapsed = DispatchTime.now().uptimeNanoseconds &- slot.started
@@ -668,7 +709,8 @@ final class RingWorker: @unchecked Sendable {
     }
 
     /// Answers a request that got no slot.
-    private func respondNow(_ request: BlkifRequest, _ status: BlkifResponseStatus) {
+    private func respondNow(_ request: BlkifRequest, _ status: BlkifResponseStatus, journalSlot: Int) {
+        journal.answered(journalSlot, at: ring.responseProducerPrivate, status: status)
         ring.putResponse(BlkifResponse(answering: request, status: status))
         responsesQueued = true
         statistics.update { $0.errors += 1 }
@@ -677,7 +719,9 @@ final class RingWorker: @unchecked Sendable {
     private func pushResponses() {
         guard responsesQueued else { return }
         responsesQueued = false
-        if ring.pushResponsesAndCheckNotify() {
+        let notify = ring.pushResponsesAndCheckNotify()
+        journal.published(ring.responseProducerPrivate)
+        if notify {
             do { try eventChannels.notify(localPort) } catch { warn("notifying the frontend: \(error)") }
         }
     }

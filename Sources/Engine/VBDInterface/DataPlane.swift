@@ -37,9 +37,13 @@ public struct DataPlaneRequest: Sendable {
     public var discardEnabled: Bool
     /// Grants each ring may keep mapped when feature-persistent was agreed.
     public var maxPersistentGrants: Int
+    /// Take over rings a previous daemon served (the device stayed Connected), from their
+    /// journals; otherwise start them afresh.
+    public var resume: Bool
 
     public init(vbd: VBDIdentity, backingStore: BackingStore, rings: RingDescription, maxIndirectSegments: Int,
-                discardEnabled: Bool, maxPersistentGrants: Int) {
+                discardEnabled: Bool, maxPersistentGrants: Int, resume: Bool = false) {
+        self.resume = resume
         self.vbd = vbd
         self.backingStore = backingStore
         self.rings = rings
@@ -81,4 +85,7 @@ public protocol ConnectedRings: AnyObject, Sendable {
     /// Stops taking requests and releases the rings once nothing is in flight
     /// (xen_blkif_disconnect). false = requests still in flight; call again later.
     func disconnect() -> Bool
+    /// The same for a planned restart: the rings stay as the guest sees them (Connected) and
+    /// their journals stay, so that the next daemon takes them over. false = still in flight.
+    func handOver() -> Bool
 }
