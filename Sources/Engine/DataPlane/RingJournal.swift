@@ -39,10 +39,12 @@ final class RingJournal {
         var requestConsumer: RingIndex
         /// rsp_prod as the guest sees it: responses before it were published.
         var responseProducer: RingIndex
-        /// Responses written but never published, in response order: to write again.
+        /// Responses written but never published, in response order: to write again. They
+        /// keep their slots (already answered) until the next push.
         var unpublished: [(request: BlkifRequest, status: BlkifResponseStatus)]
-        /// Requests taken and never answered, in ring order: to serve again.
-        var unanswered: [(ringIndex: RingIndex, request: BlkifRequest)]
+        /// Requests taken and never answered, in ring order, with the slot that still holds
+        /// each: to serve again.
+        var unanswered: [(slot: Int, ringIndex: RingIndex, request: BlkifRequest)]
     }
 
     let path: String
@@ -110,8 +112,7 @@ final class RingJournal {
     // MARK: recording (worker thread)
 
     /// The request was taken from ring index `ringIndex`; returns the slot that holds it.
-    /// `resubmitted`: taken by a predecessor, req_cons is already past it.
-    func taken(_ request: BlkifRequest, at ringIndex: RingIndex, resubmitted: Bool = false) -> Int {
+    func taken(_ request: BlkifRequest, at ringIndex: RingIndex) -> Int {
         // Cannot run out: at most ring-size requests are in flight and ring-size answered.
         let slot = freeSlots.popLast()!
         let entry = slotPointer(slot)
@@ -119,10 +120,8 @@ final class RingJournal {
         entry.storeBytes(of: ringIndex, toByteOffset: 4, as: UInt32.self)
         atomicMemoryFence(ordering: .releasing)
         entry.storeBytes(of: SlotState.taken.rawValue, as: UInt32.self)
-        if !resubmitted {
-            atomicMemoryFence(ordering: .releasing)
-            storeIndex(0, ringIndex &+ 1)
-        }
+        atomicMemoryFence(ordering: .releasing)
+        storeIndex(0, ringIndex &+ 1)
         return slot
     }
 
@@ -154,7 +153,8 @@ final class RingJournal {
 
     /// Reads what a predecessor left for the ring `identity` names, checked against the
     /// guest's shared ring; throws a Refusal (one line) for anything inconsistent, stale or
-    /// for another ring. Afterwards the journal is empty again, ready for `taken`.
+    /// for another ring. What is still owed stays recorded in its slot (a crash before it is
+    /// served again loses nothing); the other slots become free.
     func recover(identity: String, ring: SharedRing) throws(Refusal) -> Recovery {
         guard base.load(as: UInt64.self) == Self.magic,
               base.load(fromByteOffset: Self.identityOffset, as: UInt32.self) == Self.version else {
@@ -174,26 +174,30 @@ final class RingJournal {
         guard shown &- published <= written &- published, consumer &- written <= ring.size else {
             throw Refusal(description: "\(path): rsp_prod \(shown) is outside \(published)...\(written), or req_cons \(consumer) is impossible")
         }
-        var unpublished: [(RingIndex, BlkifRequest, BlkifResponseStatus)] = []
-        var unanswered: [(ringIndex: RingIndex, request: BlkifRequest)] = []
+        var unpublished: [(RingIndex, Int, BlkifRequest, BlkifResponseStatus)] = []
+        var unanswered: [(slot: Int, ringIndex: RingIndex, request: BlkifRequest)] = []
         for slot in 0..<slotCount {
             let entry = slotPointer(slot)
             let ringIndex = entry.load(fromByteOffset: 4, as: UInt32.self)
-            // Taken before req_cons was recorded, or answered and published: nothing owed.
-            guard consumer &- ringIndex &- 1 < ring.size else { continue }
             let request = BlkifRequest(decoding: entry + Self.requestOffset, layout: layout)
+            // Taken before req_cons was recorded (the ring still holds it), or answered and
+            // published: nothing owed.
+            let owed = consumer &- ringIndex &- 1 < ring.size
             switch SlotState(rawValue: entry.load(as: UInt32.self)) {
-            case .taken?:
-                unanswered.append((ringIndex, request))
-            case .answered?:
+            case .taken? where owed:
+                unanswered.append((slot, ringIndex, request))
+                continue
+            case .answered? where owed:
                 let responseIndex = entry.load(fromByteOffset: 8, as: UInt32.self)
                 if responseIndex &- shown < written &- shown {
                     let status = BlkifResponseStatus(rawValue: Int16(truncatingIfNeeded: entry.load(fromByteOffset: 12, as: Int32.self)))
-                    unpublished.append((responseIndex, request, status))
+                    unpublished.append((responseIndex, slot, request, status))
+                    continue
                 }
-            case .free?, nil:
-                continue
+            default:
+                break
             }
+            entry.storeBytes(of: SlotState.free.rawValue, as: UInt32.self)
         }
         unpublished.sort { $0.0 &- shown < $1.0 &- shown }
         guard unpublished.count == Int(written &- shown),
@@ -201,11 +205,12 @@ final class RingJournal {
             throw Refusal(description: "\(path): the responses written after rsp_prod \(shown) are not all recorded")
         }
         unanswered.sort { $0.ringIndex &- consumer < $1.ringIndex &- consumer }
-        start(identity: identity, at: consumer)
         storeIndex(1, shown)
-        storeIndex(2, shown)
+        let held = Set(unanswered.map(\.slot) + unpublished.map(\.1))
+        freeSlots = (0..<slotCount).reversed().filter { !held.contains($0) }
+        answeredSlots = unpublished.map(\.1)
         return Recovery(requestConsumer: consumer, responseProducer: shown,
-                        unpublished: unpublished.map { ($0.1, $0.2) }, unanswered: unanswered)
+                        unpublished: unpublished.map { ($0.2, $0.3) }, unanswered: unanswered)
     }
 
     // MARK: memory

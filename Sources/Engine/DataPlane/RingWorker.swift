@@ -324,13 +324,12 @@ final class RingWorker: @unchecked Sendable {
     /// at the block level; a flush runs again). Notifications sent while no daemon listened
     /// are lost, so the guest is notified, and the ring is checked, whatever it asked for.
     private func resume(_ recovery: RingJournal.Recovery) {
+        // The journal already records these answers at these response indices.
         for (request, status) in recovery.unpublished {
-            let slot = journal.taken(request, at: ring.responseProducerPrivate, resubmitted: true)
-            journal.answered(slot, at: ring.responseProducerPrivate, status: status)
             ring.putResponse(BlkifResponse(answering: request, status: status))
             responsesQueued = true
         }
-        for (ringIndex, request) in recovery.unanswered { dispatch(request, at: ringIndex, resubmitted: true) }
+        for (slot, ringIndex, request) in recovery.unanswered { dispatch(request, at: ringIndex, journalSlot: slot) }
         mapAwaitingGrants()
         pushResponses()
         do { try eventChannels.notify(localPort) } catch { warn("notifying the frontend: \(error)") }
@@ -342,8 +341,9 @@ final class RingWorker: @unchecked Sendable {
     }
 
     /// Classifies and counts the request, validates it once, then starts its operation.
-    private func dispatch(_ request: BlkifRequest, at ringIndex: RingIndex, resubmitted: Bool = false) {
-        guard let index = claimSlot(for: request, at: ringIndex, resubmitted: resubmitted) else { return }
+    /// `journalSlot`: the request is already in the journal (a predecessor took it).
+    private func dispatch(_ request: BlkifRequest, at ringIndex: RingIndex, journalSlot: Int? = nil) {
+        guard let index = claimSlot(for: request, at: ringIndex, journalSlot: journalSlot) else { return }
         let kind = request.operationKind
         slots[index].kind = kind
         if let kind { count(kind) }
@@ -377,8 +377,8 @@ final class RingWorker: @unchecked Sendable {
 
     /// A free slot set up for `request`, counted in flight; nil (the request answered with an
     /// error) when none is free.
-    private func claimSlot(for request: BlkifRequest, at ringIndex: RingIndex, resubmitted: Bool) -> Int? {
-        let journalSlot = journal.taken(request, at: ringIndex, resubmitted: resubmitted)
+    private func claimSlot(for request: BlkifRequest, at ringIndex: RingIndex, journalSlot recorded: Int?) -> Int? {
+        let journalSlot = recorded ?? journal.taken(request, at: ringIndex)
         guard let index = freeSlots.popLast() else {
             // Cannot happen while slots equal ring entries; answer rather than lose the request.
             respondNow(request, .error, journalSlot: journalSlot)
