@@ -22,7 +22,8 @@ struct FrontendCommand: ParsableCommand {
             Every written 512-byte sector carries its sector number, a generation and a pattern \
             derived from both; every read is checked (what this run last wrote there, else zeros \
             or an earlier run's stamp). `verify` writes the region with new generations, flushes, \
-            and reads it back. Without --seconds or --bytes a workload makes one pass over the region.
+            and reads it back (with --seconds, pass after pass until time is up). Without --seconds \
+            or --bytes a workload makes one pass over the region.
 
             If the backend closes the device mid-run, the frontend closes its side (Closed), and \
             with --reconnect (the default) negotiates again when the backend offers the device, \

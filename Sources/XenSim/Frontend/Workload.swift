@@ -175,7 +175,14 @@ public struct Workload: Sendable {
             return nextVerify()
         case .reading:
             if cursor < blockCount { return sequentialOnce(.read) }
-            if inFlight == 0 { verifyPhase = .done }
+            guard inFlight == 0 else { return nil }
+            // With --seconds the passes repeat, each writing the region anew, until time is up.
+            if configuration.seconds != nil {
+                verifyPhase = .writing
+                cursor = 0
+                return nextVerify()
+            }
+            verifyPhase = .done
             return nil
         case .done:
             return nil
