@@ -99,6 +99,9 @@ CFG
             fi
         fi
     fi
+    if [ "$5" = restart ] && wait_for "grep -q 'phase=restart-window' $con" 300; then
+        restart_under_guest $domid $con
+    fi
     if [ "$4" = 1 ] && wait_for "grep -q 'phase=await-force' $con" 300; then
         local code
         code=$(api -o $LOG/force.json -w '%{http_code}' -X POST -H 'Content-Type: application/json' \
@@ -140,12 +143,37 @@ check_api_counters() { # domid console-log
     echo "E2E-RESULT backend=ours test=api-counters ok=$ok guest_rd=$rd api_rd_req=$got_rd guest_wr=$wr guest_fl=$fl api_wr_plus_f_req=$got_wr"
 }
 
-# blkback-server around one guest: started before it, stopped (SIGTERM) after it.
-run_ours() { # label hotplug force mode blkfront
-    if lsmod | grep -q '^xen_blkback'; then modprobe -r xen-blkback; fi
+start_daemon() {
     /e2e/blkback-server --kind vbd --listen 127.0.0.1:8080 --log-level $LOG_LEVEL >>$LOG/blkback-server.log 2>&1 &
     DAEMON=$!
     wait_for "api -f http://127.0.0.1:8080/healthz >/dev/null 2>&1 || ! kill -0 $DAEMON 2>/dev/null" 60
+}
+
+# While the guest's fio writes and verifies: SIGKILL three times, then an upgrade (SIGTERM and
+# a new daemon), each a few seconds apart; the API's counters must go on after each.
+restart_under_guest() { # domid console-log
+    local n=0 sig t0 t1 before after
+    for sig in KILL KILL KILL TERM; do
+        sleep 6
+        grep -q 'phase=restart-done' $2 && break
+        n=$((n + 1))
+        before=$(api http://127.0.0.1:8080/v1/vbds/$1/51712/stats | jq -r '.rd_req + .wr_req' 2>/dev/null)
+        t0=$(date +%s.%N)
+        kill -$sig $DAEMON; wait $DAEMON 2>/dev/null
+        start_daemon
+        t1=$(date +%s.%N)
+        sleep 3
+        after=$(api http://127.0.0.1:8080/v1/vbds/$1/51712/stats | jq -r '.rd_req + .wr_req' 2>/dev/null)
+        say "restart $n sig=$sig api_back_after=$(awk -v a=$t0 -v b=$t1 'BEGIN { printf "%.2f", b - a }')s requests_before=$before requests_since=$after"
+        echo "E2E-RESULT backend=ours-restart test=restart-$n-$sig ok=$([ "${after:-0}" -gt 0 ] 2>/dev/null && echo 1 || echo 0) requests_since=$after"
+    done
+    grep -a 'took the ring over\|taking over' $LOG/blkback-server.log | tail -8 | sed 's/^/E2E-DOM0 takeover: /'
+}
+
+# blkback-server around one guest: started before it, stopped (SIGTERM) after it.
+run_ours() { # label hotplug force mode blkfront
+    if lsmod | grep -q '^xen_blkback'; then modprobe -r xen-blkback; fi
+    start_daemon
     kill -0 $DAEMON 2>/dev/null || { say "blkback-server exited at start"; cat $LOG/blkback-server.log; }
     local force=$3
     if api -f http://127.0.0.1:8080/healthz >/dev/null 2>&1; then say "api=available"
@@ -187,7 +215,8 @@ for round in $(seq 1 $ROUNDS); do
     for b in $BACKENDS; do run_backend $b $([ $round = 1 ] && echo full || echo perf); done
 done
 case " $BACKENDS " in *" ours "*)
-    run_ours ours-order4 0 0 full max_ring_page_order:4,max_queues:2 ;;
+    run_ours ours-order4 0 0 full max_ring_page_order:4,max_queues:2
+    run_ours ours-restart 0 0 restart - ;;
 esac
 say "phase=done uptime=$(cut -d' ' -f1 /proc/uptime)"
 sync

@@ -59,6 +59,17 @@ insmod /lib/modules/xen-blkfront.ko $BLKFRONT || say "insmod xen-blkfront $BLKFR
 if ! wait_for '[ -b /dev/xvda ]' 60; then result "test=attach ok=0 reason=no-xvda"; finish; fi
 result "test=attach ok=1 sectors=$(cat /sys/block/xvda/size) write_cache=$(cat /sys/block/xvda/queue/write_cache | tr ' ' _) discard_max=$(cat /sys/block/xvda/queue/discard_max_bytes) max_segments=$(cat /sys/block/xvda/queue/max_segments) max_hw_kb=$(cat /sys/block/xvda/queue/max_hw_sectors_kb) nr_queues=$(ls /sys/block/xvda/mq | wc -l)"
 
+if [ "$MODE" = restart ]; then
+    # dom0 kills and restarts blkback-server while fio writes and verifies: nothing of it may
+    # reach the guest as an error.
+    say "phase=restart-window"
+    run_fio restart-verify randwrite 4k 16 --size=192M --verify=crc32c --do_verify=1 --time_based=0 --runtime=0
+    say "phase=restart-done"
+    errors=$(dmesg | grep -ciE 'I/O error|blk_update_request|has not unmapped|disk dead|critical medium' || true)
+    result "test=restart-dmesg ok=$([ "$errors" = 0 ] && echo 1 || echo 0) error_lines=$errors"
+    dmesg | grep -iE 'I/O error|blk_update_request|has not unmapped|disk dead' | head -5 | sed "s/^/E2E-GUEST backend=$B dmesg: /"
+    finish
+fi
 [ "$MODE" = perf ] || verify_pattern /dev/xvda 32 checksum
 run_fio fio-verify randwrite 4k 32 --size=32M --verify=crc32c --do_verify=1 --time_based=0 --runtime=0
 run_fio randread-4k randread 4k 32

@@ -37,6 +37,10 @@ echo "$lines" | grep '^E2E-RESULT' | awk '
     }'
 echo "  (n) = rounds measured"
 echo
+echo "== restarts under a verifying guest (blkback-server SIGKILLed 3 times, upgraded once)"
+echo "$lines" | grep -E '^E2E-DOM0 (restart|takeover)' | sed 's/^E2E-DOM0 /  /'
+echo "$lines" | grep -E '^E2E-RESULT backend=ours-restart' | sed 's/^E2E-RESULT /  /'
+echo
 unmapped=$(grep -a -c 'has not unmapped grant' "$serial" || true)
 echo "== guest kernels reporting \"has not unmapped grant\": $unmapped"
 echo
