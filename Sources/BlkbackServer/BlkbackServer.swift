@@ -35,7 +35,8 @@ struct BlkbackServer: ParsableCommand {
               0  stopped by SIGTERM/SIGINT after draining in-flight I/O
               1  xenstored unreachable, watches or the explicitly requested API address failed
               2  bad command line or configuration, unreadable token/TLS files, Xen devices missing
-            """)
+            """,
+        version: BlkbackVersion.string)
 
     @Option(name: .customLong("kind"), help: "A backend/<kind> tree to serve (repeatable): vbd, vbd3, qdisk, ...")
     var kinds: [String] = []

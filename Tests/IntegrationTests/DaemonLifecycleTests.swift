@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import Xenbus
 
 /// The daemon's life as an operator sees it: SIGTERM hands connected guests over to the next
 /// daemon and SIGINT closes them (both stop taking requests, answer what is in flight and
@@ -123,6 +124,13 @@ import Testing
         let again = try rig.sim.xensim(["frontend"], ["--domid", "1", "--devid", "51712", "--workload", "verify",
                                                       "--bytes", "4M"], timeout: 60)
         #expect(again.status == 0, "verify after restart: \(again.stdout) \(again.stderr) \(rig.daemon.output)")
+    }
+
+    @Test(arguments: ["blkback-server", "xensim"])
+    func versionIsPrintedAndExitsZero(_ binary: String) throws {
+        let result = try Harness.run(Harness.executable(binary), ["--version"], timeout: 20)
+        #expect(result.status == 0, "\(binary) --version: \(result.stderr)")
+        #expect(result.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == BlkbackVersion.string)
     }
 
     /// `scripts/demo.sh --check N` (what `make demo` runs, bounded): simulator, daemon,
