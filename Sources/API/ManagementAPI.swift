@@ -6,7 +6,7 @@ import Foundation
 public protocol ManagedBackend: AnyObject, Sendable {
     var isWatching: Bool { get }
     func snapshots() -> [VBDSnapshot]
-    func perform(_ command: VBDStateCommand, on selector: VBDSelector,
+    func perform(_ command: VBDCommand, on selector: VBDSelector,
                  timeout: Double) -> Result<VBDSnapshot, VBDCommandError>
 }
 
@@ -30,6 +30,7 @@ public struct ManagementAPI: Sendable {
         case vbd(domid: String, devid: String)
         case stats(domid: String, devid: String)
         case state(domid: String, devid: String)
+        case qos(domid: String, devid: String)
 
         init?(path: String) {
             let parts = path.split(separator: "/", omittingEmptySubsequences: false).map(String.init)
@@ -43,13 +44,18 @@ public struct ManagementAPI: Sendable {
                 self = .stats(domid: p[3], devid: p[4])
             case let p where p.count == 6 && p[1] == "v1" && p[2] == "vbds" && p[0].isEmpty && p[5] == "state":
                 self = .state(domid: p[3], devid: p[4])
+            case let p where p.count == 6 && p[1] == "v1" && p[2] == "vbds" && p[0].isEmpty && p[5] == "qos":
+                self = .qos(domid: p[3], devid: p[4])
             default: return nil
             }
         }
 
         var methods: [String] {
-            if case .state = self { return ["POST"] }
-            return ["GET", "HEAD"]
+            switch self {
+            case .state: ["POST"]
+            case .qos: ["GET", "HEAD", "PUT"]
+            default: ["GET", "HEAD"]
+            }
         }
     }
 
@@ -89,7 +95,18 @@ public struct ManagementAPI: Sendable {
                 return json(200, Self.vbdJSON(vbd), pretty: pretty)
             }
         case .state(let domid, let devid):
-            return changeState(domid, devid, request, pretty: pretty)
+            return command(domid, devid, request, pretty: pretty, status: 202) { body throws(JSONError) in
+                .state(try Self.stateCommand(body))
+            } answer: { Self.vbdJSON($0) }
+        case .qos(let domid, let devid) where request.method == "PUT":
+            return command(domid, devid, request, pretty: pretty, status: 200) { body throws(JSONError) in
+                .qos(try Self.qosLimits(body))
+            } answer: { Self.qosJSON($0.qos) }
+        case .qos(let domid, let devid):
+            switch lookup(domid, devid, request) {
+            case .failure(let response): return response.with(pretty: pretty)
+            case .success(let vbd): return json(200, Self.qosJSON(vbd.qos), pretty: pretty)
+            }
         }
     }
 
@@ -121,21 +138,25 @@ public struct ManagementAPI: Sendable {
         }
     }
 
-    private func changeState(_ domid: String, _ devid: String, _ request: HTTPRequest, pretty: Bool) -> HTTPResponse {
+    /// An operator's command: the body parsed by `parse` (400 when it refuses it), carried out
+    /// by the control plane, answered with `status` and `answer` of the VBD afterwards.
+    private func command(_ domid: String, _ devid: String, _ request: HTTPRequest, pretty: Bool, status: Int,
+                         parse: (JSONValue) throws(JSONError) -> VBDCommand,
+                         answer: (VBDSnapshot) -> JSONValue) -> HTTPResponse {
         let selector: VBDSelector
         switch Self.selector(domid, devid, request) {
         case .failure(let failure): return failure.with(pretty: pretty)
         case .success(let parsed): selector = parsed
         }
-        let command: VBDStateCommand
+        let command: VBDCommand
         do {
-            command = try Self.stateCommand(try JSONValue.parse(request.body))
+            command = try parse(try JSONValue.parse(request.body))
         } catch {
             return self.error(400, error.description, pretty: pretty)
         }
         switch backend.perform(command, on: selector, timeout: Self.commandTimeout) {
         case .success(let vbd):
-            return json(202, Self.vbdJSON(vbd), pretty: pretty)
+            return json(status, answer(vbd), pretty: pretty)
         case .failure(.unknownDevice):
             return error(404, selector.notFound, pretty: pretty)
         case .failure(.conflict(let reason)):
@@ -160,6 +181,29 @@ public struct ManagementAPI: Sendable {
             throw JSONError("'state' must be one of \(names), got '\(printable(name))'")
         }
         return command
+    }
+
+    /// The body of PUT …/qos: an object of the limits (each a whole number from 0, meaning
+    /// no limit, to its largest); absent members are no limit.
+    static func qosLimits(_ body: JSONValue) throws(JSONError) -> QoSLimits {
+        guard case .object(let members) = body else { throw JSONError("the body must be a JSON object, got \(body.typeName)") }
+        let names = QoSLimits.fields.map(\.name)
+        var limits = QoSLimits()
+        for (name, value) in members {
+            guard let field = QoSLimits.fields.first(where: { $0.name == name })?.value else {
+                throw JSONError("unknown member '\(printable(name))'; the limits are \(names.joined(separator: ", "))")
+            }
+            let largest = QoSLimits.largest(name)
+            guard case .integer(let number) = value, number >= 0, UInt64(number) <= largest else {
+                throw JSONError("'\(name)' must be a whole number from 0 (no limit) to \(largest), got \(printable(value.serialized()))")
+            }
+            limits[keyPath: field] = UInt64(number)
+        }
+        return limits
+    }
+
+    static func qosJSON(_ limits: QoSLimits) -> JSONValue {
+        .object(QoSLimits.fields.map { ($0.name, .integer(Int64(limits[keyPath: $0.value]))) })
     }
 
     // MARK: JSON documents
@@ -198,6 +242,7 @@ public struct ManagementAPI: Sendable {
             ("oo_req", statistics.outOfResources), ("rd_sect", statistics.readSectors),
             ("wr_sect", statistics.writeSectors), ("errors", statistics.errors), ("inflight", statistics.inflight),
             ("persistent_grants", statistics.persistentGrants),
+            ("qos_delayed", statistics.delayedRequests), ("qos_throttled_ms", statistics.throttledNanoseconds / 1_000_000),
         ]
         return .object(counters.map { ($0.0, .integer(Int64(clamping: $0.1))) })
     }

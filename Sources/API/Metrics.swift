@@ -31,6 +31,7 @@ public enum MetricsExposition {
         Counter(name: "blkback_discards_completed_total", help: "Discard requests since connect (blkback ds_req).") { $0.discardRequests },
         Counter(name: "blkback_requests_out_of_resources_total", help: "Times a ring waited for I/O resources since connect (blkback oo_req).") { $0.outOfResources },
         Counter(name: "blkback_request_errors_total", help: "Requests answered with an error status since connect.") { $0.errors },
+        Counter(name: "blkback_qos_delayed_requests_total", help: "Requests held back by the VBD's QoS limits since connect.") { $0.delayedRequests },
     ]
 
     public static func render(_ snapshots: [VBDSnapshot]) -> String {
@@ -53,6 +54,10 @@ public enum MetricsExposition {
         }
         family("blkback_io_now", "gauge", "Requests taken off the rings and not answered yet.")
         for (_, labels, statistics) in devices { sample("blkback_io_now", labels, "\(statistics.inflight)") }
+        family("blkback_qos_throttled_seconds_total", "counter", "Time requests spent held back by the VBD's QoS limits since connect.")
+        for (_, labels, statistics) in devices {
+            sample("blkback_qos_throttled_seconds_total", labels, "\(Double(statistics.throttledNanoseconds) / 1e9)")
+        }
         family("blkback_persistent_grants", "gauge", "Guest grants kept mapped across requests (feature-persistent), over the rings.")
         for (_, labels, statistics) in devices { sample("blkback_persistent_grants", labels, "\(statistics.persistentGrants)") }
 

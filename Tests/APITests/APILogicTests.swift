@@ -68,7 +68,7 @@ import Testing
                     frontendPath: "/local/domain/3/device/vbd/51712", backendState: .connected, frontendState: .connected,
                     mode: "w", target: target, sectors: 2048, sectorSize: 512, physicalSectorSize: 4096, info: [],
                     protocol: "x86_64-abi", queues: 2, ringPageOrder: 1, persistentGrants: false, maxIndirectSegments: 256,
-                    features: BlockFeatures(flush: true), statistics: statistics, error: nil)
+                    features: BlockFeatures(flush: true), qos: .none, statistics: statistics, error: nil)
     }
 
     @Test func labelValuesAreEscaped() {

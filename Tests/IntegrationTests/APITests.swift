@@ -153,6 +153,44 @@ import Testing
         #expect(unknown.status == 404)
     }
 
+    @Test func qosLimitsAreSetLiveKeptInXenstoreAndHoldRequestsBack() throws {
+        let rig = try APIRig("qos")
+        defer { rig.stop() }
+        let qos = APIRig.vbd + "/qos"
+        let backend = "/local/domain/0/backend/vbd/1/51712"
+        // A toolstack's keys are the limits at connect.
+        #expect(try rig.sim.xenstore("xenstore-write", ["\(backend)/qos-read-iops", "300"]).status == 0)
+        try rig.startGuest()
+        #expect(try eventually { try rig.isConnected() }, "daemon: \(rig.daemon.output)")
+        #expect(try rig.get(qos).json?["read_iops"] as? Int == 300)
+        // Over the limit the guest's reads wait; none fails.
+        #expect(try eventually { (try rig.stats()["qos_delayed"] ?? 0) > 0 }, "no request was held back")
+
+        // PUT replaces every limit: the answer and GET are the limits in force, the keys follow.
+        let put = try rig.request("PUT", qos, body: Array(#"{"total_iops": 400, "write_bytes_per_second": 1048576}"#.utf8))
+        #expect(put.status == 200, "\(put.body)")
+        #expect(put.json?["total_iops"] as? Int == 400 && put.json?["read_iops"] as? Int == 0)
+        #expect(try rig.get(qos).json?["write_bytes_per_second"] as? Int == 1_048_576)
+        #expect(try rig.sim.xenstore("xenstore-read", ["\(backend)/qos-total-iops"]).stdout.hasPrefix("400"))
+        #expect(try rig.sim.xenstore("xenstore-exists", ["\(backend)/qos-read-iops"]).status != 0, "a removed limit's key goes")
+
+        // Bad values are refused whole; the limits in force stay.
+        for body in [#"{"total_iops": -1}"#, #"{"read_iops": 1.5}"#, #"{"total_iops": 10000000000000}"#,
+                     #"{"iops": 5}"#, #"[1]"#, #"{"burst_seconds": "5"}"#] {
+            let refused = try rig.request("PUT", qos, body: Array(body.utf8))
+            #expect(refused.status == 400 && refused.json?["error"] != nil, "\(body): \(refused.status) \(refused.body)")
+        }
+        #expect(try rig.get(qos).json?["total_iops"] as? Int == 400)
+        #expect(try rig.request("PUT", "/v1/vbds/9/51712/qos", body: Array("{}".utf8)).status == 404)
+
+        // No limits: the guest runs free again and still verifies.
+        #expect(try rig.request("PUT", qos, body: Array("{}".utf8)).status == 200)
+        let (status, report) = rig.stopGuest()
+        #expect(status == 0 && report?["errors"] as? Int == 0 && report?["verify_failures"] as? Int == 0, "\(String(describing: report))")
+        let metrics = try rig.get("/metrics").body
+        #expect(metrics.contains("blkback_qos_delayed_requests_total{") && metrics.contains("blkback_qos_throttled_seconds_total{"))
+    }
+
     @Test func bearerTokenGuardsEverythingButHealth() throws {
         let tokenFile = try Harness.temporaryDirectory("api-token").appendingPathComponent("token")
         defer { try? FileManager.default.removeItem(at: tokenFile.deletingLastPathComponent()) }

@@ -107,34 +107,34 @@ import XenSim
             // it reads would count as a frontend starting over and re-offer InitWait. The
             // command's own xenstore round trips queue the firing, so it is handled before
             // the next command.
-            let closing = manager.perform(.closing, on: selector, timeout: 5)
+            let closing = manager.perform(.state(.closing), on: selector, timeout: 5)
             #expect(try closing.get().backendState == .closing)
             #expect(try rig.read("state") == Self.closing)
-            #expect(manager.perform(.closing, on: selector, timeout: 5).isConflict)
+            #expect(manager.perform(.state(.closing), on: selector, timeout: 5).isConflict)
 
             // reconnect: offered again (the frontend never left Initialising).
-            let offered = manager.perform(.reconnect, on: selector, timeout: 5)
+            let offered = manager.perform(.state(.reconnect), on: selector, timeout: 5)
             #expect(try offered.get().backendState == .initWait)
             #expect(try rig.read("state") == Self.initWait)
-            #expect(manager.perform(.reconnect, on: selector, timeout: 5).isConflict)
+            #expect(manager.perform(.state(.reconnect), on: selector, timeout: 5).isConflict)
 
             // closed on an InitWait device: Closed at once, and it stays there.
-            let closed = manager.perform(.closed, on: selector, timeout: 5)
+            let closed = manager.perform(.state(.closed), on: selector, timeout: 5)
             #expect(try closed.get().backendState == .closed)
             #expect(try rig.read("state") == Self.closed)
-            #expect(manager.perform(.closed, on: selector, timeout: 5).isConflict)
-            #expect(manager.perform(.closing, on: selector, timeout: 5).isConflict)
+            #expect(manager.perform(.state(.closed), on: selector, timeout: 5).isConflict)
+            #expect(manager.perform(.state(.closing), on: selector, timeout: 5).isConflict)
             #expect(try rig.read("state") == Self.closed)
-            #expect(try manager.perform(.reconnect, on: selector, timeout: 5).get().backendState == .initWait)
+            #expect(try manager.perform(.state(.reconnect), on: selector, timeout: 5).get().backendState == .initWait)
             #expect(try rig.read("state") == Self.initWait)
 
             // Devices that are not served.
             let otherDevid = VBDSelector(domid: DomainID(rawValue: BackendRig.domid)!, devid: BackendRig.devid + 16)
-            #expect(manager.perform(.closed, on: otherDevid, timeout: 5) == .failure(.unknownDevice))
+            #expect(manager.perform(.state(.closed), on: otherDevid, timeout: 5) == .failure(.unknownDevice))
             let otherDomain = VBDSelector(domid: DomainID(rawValue: 2)!, devid: BackendRig.devid)
-            #expect(manager.perform(.closed, on: otherDomain, timeout: 5) == .failure(.unknownDevice))
+            #expect(manager.perform(.state(.closed), on: otherDomain, timeout: 5) == .failure(.unknownDevice))
             let otherKind = VBDSelector(domid: DomainID(rawValue: BackendRig.domid)!, devid: BackendRig.devid, kind: "qdisk")
-            #expect(manager.perform(.reconnect, on: otherKind, timeout: 5) == .failure(.unknownDevice))
+            #expect(manager.perform(.state(.reconnect), on: otherKind, timeout: 5) == .failure(.unknownDevice))
             // Refused commands changed nothing.
             #expect(try rig.read("state") == Self.initWait)
 
@@ -158,14 +158,14 @@ import XenSim
             #expect(rig.waitForSnapshots { ($0.first?.statistics?.readRequests ?? 0) > 0 })
 
             // Refused while connected.
-            #expect(rig.manager.perform(.reconnect, on: selector, timeout: 5).isConflict)
+            #expect(rig.manager.perform(.state(.reconnect), on: selector, timeout: 5).isConflict)
             // closing: the guest answers Closed, the backend releases the rings and closes.
-            #expect(try rig.manager.perform(.closing, on: selector, timeout: 5).get().backendState == .closing)
+            #expect(try rig.manager.perform(.state(.closing), on: selector, timeout: 5).get().backendState == .closing)
             #expect(rig.waitForSnapshots { $0.first?.backendState == .closed && $0.first?.statistics == nil })
             // reconnect once the rings are released: the guest renegotiates by itself.
             var reconnect: Result<VBDSnapshot, VBDCommandError> = .failure(.unknownDevice)
             #expect(eventually {
-                reconnect = rig.manager.perform(.reconnect, on: selector, timeout: 5)
+                reconnect = rig.manager.perform(.state(.reconnect), on: selector, timeout: 5)
                 return (try? reconnect.get()) != nil
             }, "\(reconnect)")
             #expect(rig.waitForSnapshots { $0.first?.backendState == .connected })
@@ -218,7 +218,7 @@ import XenSim
             rig.manager.stop()
             #expect(!rig.manager.isWatching)
             #expect(rig.manager.snapshots().isEmpty)
-            guard case .failure(.unavailable) = rig.manager.perform(.reconnect, on: BackendRig.selector, timeout: 5) else {
+            guard case .failure(.unavailable) = rig.manager.perform(.state(.reconnect), on: BackendRig.selector, timeout: 5) else {
                 Issue.record("a stopped manager took a command")
                 return
             }

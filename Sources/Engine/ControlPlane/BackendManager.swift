@@ -91,11 +91,11 @@ public final class BackendManager: @unchecked Sendable {
         }
     }
 
-    /// Carries out an operator's state command on the control-plane thread and waits (at
+    /// Carries out an operator's command on the control-plane thread and waits (at
     /// most `timeout` seconds) for its answer: the VBD as it is right after the command.
     /// The selector picks the VBD as the API's GET does (`VBDSelector.pick`). Safe from any thread;
     /// never touches the data plane's threads.
-    public func perform(_ command: VBDStateCommand, on selector: VBDSelector,
+    public func perform(_ command: VBDCommand, on selector: VBDSelector,
                         timeout: Double) -> Result<VBDSnapshot, VBDCommandError> {
         let pending = PendingCommand(command, selector: selector)
         let accepted = lock.withLock {

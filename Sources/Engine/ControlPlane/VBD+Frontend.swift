@@ -90,12 +90,16 @@ extension VBD {
         }
     }
 
-    /// What the data plane needs to serve `description`'s rings on `backingStore`.
+    /// What the data plane needs to serve `description`'s rings on `backingStore`, with the
+    /// QoS limits the backend's qos-* keys hold now.
     func dataPlaneRequest(_ backingStore: BackingStore, _ description: RingDescription) -> DataPlaneRequest {
-        DataPlaneRequest(vbd: identity, backingStore: backingStore, rings: description,
-                         maxIndirectSegments: context.configuration.maxIndirectSegments,
-                         discardEnabled: XenbusValue.flag(try? backend("discard-enable"), default: true),
-                         maxPersistentGrants: context.configuration.maxPersistentGrants)
+        let (limits, ignored) = (try? QoSLimits.read { try backend($0) }) ?? (.none, [])
+        if !ignored.isEmpty { logger.warning("ignoring \(ignored.joined(separator: ", ")): not a number within its range") }
+        qos = limits
+        return DataPlaneRequest(vbd: identity, backingStore: backingStore, rings: description,
+                                maxIndirectSegments: context.configuration.maxIndirectSegments,
+                                discardEnabled: XenbusValue.flag(try? backend("discard-enable"), default: true),
+                                maxPersistentGrants: context.configuration.maxPersistentGrants, qos: limits)
     }
 
     /// connect(): what the frontend needs to know about the disk, in one transaction.

@@ -1,3 +1,4 @@
+import VBDInterface
 import Foundation
 import Xenbus
 
@@ -5,12 +6,13 @@ import Xenbus
 extension VBD {
     /// Carries out `command` (see VBDStateCommand). Throws `.conflict` with one line when the
     /// current state forbids it; nothing changes then.
-    func perform(_ command: VBDStateCommand) throws(VBDCommandError) {
+    func perform(_ command: VBDCommand) throws(VBDCommandError) {
         do {
             switch command {
-            case .closing: try close()
-            case .closed: try closeNow()
-            case .reconnect: try offerAgain()
+            case .state(.closing): try close()
+            case .state(.closed): try closeNow()
+            case .state(.reconnect): try offerAgain()
+            case .qos(let limits): try setQoS(limits)
             }
         } catch let error as VBDCommandError {
             throw error
@@ -18,6 +20,27 @@ extension VBD {
             logger.warning("operator \(command) failed: \(error)")
             throw VBDCommandError.conflict("\(command) on \(nodename) failed: \(error)")
         }
+    }
+
+    /// Writes the limits where a toolstack sets them (the backend's qos-* keys, so that they
+    /// survive a daemon restart and a reconnect), in one transaction, then applies them to
+    /// the rings now.
+    private func setQoS(_ limits: QoSLimits) throws {
+        try store.transaction { transaction in
+            guard try store.read(backendPath + "/state", transaction: transaction) != nil else { return }
+            for (name, field) in QoSLimits.fields {
+                let key = backendPath + "/" + QoSLimits.xenstoreKey(name)
+                let value = limits[keyPath: field]
+                if value > 0 {
+                    try store.write(key, "\(value)", transaction: transaction)
+                } else if try store.read(key, transaction: transaction) != nil {
+                    try store.remove(key, transaction: transaction)
+                }
+            }
+        }
+        qos = limits
+        rings.connection?.setQoS(limits)
+        logger.info("operator: QoS limits \(limits.isUnlimited ? "removed" : "set")")
     }
 
     private func close() throws {

@@ -41,6 +41,8 @@ final class VBD {
     var backendState: XenbusState = .initialising
     var frontendState: FrontendStateReading = .unknown
     var lastError: String?
+    /// The QoS limits last read from the backend's keys or set by an operator.
+    var qos = QoSLimits.none
     var watches: [(path: String, token: WatchToken)] = []
 
     var disk = Disk()
@@ -117,6 +119,7 @@ final class VBD {
                            ringPageOrder: description?.ringPageOrder ?? 0,
                            persistentGrants: (description?.persistentGrants ?? false) && rings.features.persistentGrants,
                            maxIndirectSegments: context.configuration.maxIndirectSegments,
-                           features: rings.features, ioMode: rings.connection?.ioMode, statistics: rings.connection?.statistics, error: lastError)
+                           features: rings.features, ioMode: rings.connection?.ioMode,
+                           qos: rings.connection?.qos ?? qos, statistics: rings.connection?.statistics, error: lastError)
     }
 }

@@ -16,6 +16,20 @@ public enum VBDStateCommand: String, Sendable, CaseIterable {
     case reconnect
 }
 
+/// What an operator asks of one VBD: a state change (POST …/state) or new QoS limits
+/// (PUT …/qos).
+public enum VBDCommand: Sendable, CustomStringConvertible {
+    case state(VBDStateCommand)
+    case qos(QoSLimits)
+
+    public var description: String {
+        switch self {
+        case .state(let command): "\(command)"
+        case .qos: "qos"
+        }
+    }
+}
+
 /// Which VBD an operator means: its domid and devid, and its kind when more than one is
 /// served. Parsed once from the API path; the API and the control plane resolve it by the
 /// same rule (`pick`).
@@ -66,13 +80,13 @@ public enum VBDCommandError: Error, Equatable, Sendable, CustomStringConvertible
 
 /// A command on its way to the control-plane thread and its answer on the way back.
 final class PendingCommand: @unchecked Sendable {
-    let command: VBDStateCommand
+    let command: VBDCommand
     let selector: VBDSelector
     private let answered = DispatchSemaphore(value: 0)
     private let lock = NSLock()
     private var result: Result<VBDSnapshot, VBDCommandError>?
 
-    init(_ command: VBDStateCommand, selector: VBDSelector) {
+    init(_ command: VBDCommand, selector: VBDSelector) {
         self.command = command
         self.selector = selector
     }

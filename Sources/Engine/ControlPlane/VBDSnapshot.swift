@@ -37,6 +37,8 @@ public struct VBDSnapshot: Sendable, Equatable {
     public var features: BlockFeatures
     /// How the rings' I/O is served; nil while not connected.
     public var ioMode: IOMode?
+    /// The QoS limits in force (or to be, once connected).
+    public var qos: QoSLimits
     /// Data-path counters since connect; nil while not connected.
     public var statistics: VBDStatistics?
     /// The last xenbus_dev_fatal line ("<errno> <message>"), if any.

@@ -1,4 +1,5 @@
 import Blkif
+import Dispatch
 internal import CURing
 import Glibc
 import Hypervisor
@@ -60,7 +61,7 @@ public final class BlkbackDataPlane: DataPlane {
                                        sectorsPerBlock: UInt64(max(store.logicalSectorSize, 512) / 512)),
             features: features, ringRefs: Set(request.rings.queues.flatMap(\.ringRefs)),
             persistentGrants: features.persistentGrants, maxPersistentGrants: request.maxPersistentGrants,
-            copyTransient: copyTransient)
+            copyTransient: copyTransient, throttle: QoSThrottle(request.qos, now: DispatchTime.now().uptimeNanoseconds))
 
         var workers: [RingWorker] = []
         do {
@@ -80,7 +81,8 @@ public final class BlkbackDataPlane: DataPlane {
             \(features.persistentGrants ? ", up to \(request.maxPersistentGrants) persistent grants per ring" : ""); \
             flush, barrier\(features.discard ? ", discard" : "")\(maxIndirect > 0 ? ", \(maxIndirect) indirect segments" : ""))
             """)
-        return ConnectedVBD(workers: workers, io: io, features: features, ioMode: ioMode, logger: logger)
+        return ConnectedVBD(workers: workers, io: io, features: features, ioMode: ioMode, throttle: device.throttle,
+                            logger: logger)
     }
 
     /// The journal file of one ring, and the text that names the ring it belongs to: the
@@ -230,18 +232,28 @@ final class IODescriptor: Sendable {
 final class ConnectedVBD: ConnectedRings {
     let features: BlockFeatures
     let ioMode: IOMode
+    private let throttle: QoSThrottle
     private let workers: [RingWorker]
     private let io: IODescriptor
     private let logger: Logger
     /// Released once; later disconnect() calls only report true.
     private let released = Mutex(false)
 
-    init(workers: [RingWorker], io: IODescriptor, features: BlockFeatures, ioMode: IOMode, logger: Logger) {
+    init(workers: [RingWorker], io: IODescriptor, features: BlockFeatures, ioMode: IOMode, throttle: QoSThrottle,
+         logger: Logger) {
+        self.throttle = throttle
         self.workers = workers
         self.io = io
         self.features = features
         self.ioMode = ioMode
         self.logger = logger
+    }
+
+    var qos: QoSLimits { throttle.limits }
+
+    func setQoS(_ limits: QoSLimits) {
+        throttle.update(limits, now: DispatchTime.now().uptimeNanoseconds)
+        logger.info("QoS limits now \(limits.isUnlimited ? "none" : "\(limits)")")
     }
 
     var statistics: VBDStatistics {

@@ -24,6 +24,8 @@ struct DeviceContext: Sendable {
     let maxPersistentGrants: Int
     /// Pages not kept mapped travel by grant copy through daemon memory (direct-copy).
     let copyTransient: Bool
+    /// The VBD's QoS limits, shared by its rings.
+    let throttle: QoSThrottle
 }
 
 /// One request between being taken off the ring and being answered (blkback's pending_req).
@@ -38,6 +40,8 @@ private final class RequestSlot {
     /// nil for operations without a latency histogram (unknown ones).
     var kind: BlockOperationKind?
     var status = BlkifResponseStatus.okay
+    /// When QoS started holding the request back (0: it was not held).
+    var heldSince: UInt64 = 0
     /// Where the journal keeps the request until its answer is public.
     var journalSlot = 0
     /// The data segments (copied off the ring or out of the indirect pages) and their pages.
@@ -156,6 +160,10 @@ final class RingWorker: @unchecked Sendable {
     private var halted = false
     /// Requests of the current batch whose grants are mapped together at its end.
     private var awaitingGrants: [Int] = []
+    /// Requests QoS holds back, in the order taken; nothing new is taken meanwhile.
+    private var throttled: [Int] = []
+    /// When the head of `throttled` may be admitted.
+    private var throttledUntil: UInt64 = 0
     /// READs whose data is in bounce memory, copied to the guest together before answering.
     private var awaitingCopyOut: [Int] = []
     private var copySegments: [GrantCopySegment] = []
@@ -250,11 +258,12 @@ final class RingWorker: @unchecked Sendable {
         while true {
             let stopping = stopRequested.load(ordering: .acquiring)
             if stopping && inflight == 0 { break }
-            let canTake = !stopping && !halted && heldBarrier == nil
+            let canTake = !stopping && !halted && heldBarrier == nil && throttled.isEmpty
             // More to take: only collect what finished. Persistent grants wake an idle ring
             // once a second, so unused ones are released after 60 s.
             let busy = canTake && moreToDo
-            let timeout: Int? = submissionBlocked ? 1 : (grants.persistentCount > 0 ? 1000 : nil)
+            let timeout: Int? = submissionBlocked ? 1 : !throttled.isEmpty ? qosWaitMilliseconds()
+                : (grants.persistentCount > 0 ? 1000 : nil)
             do {
                 try uring.submitAndWait(minimum: busy ? 0 : 1, milliseconds: timeout)
                 submissionBlocked = false
@@ -268,10 +277,11 @@ final class RingWorker: @unchecked Sendable {
                 usleep(1000)
             }
             reapCompletions()
+            admitThrottled()
             if eventsFired { takeEvents() }
             // Answers go out before new requests are queued.
             pushResponses()
-            if !stopRequested.load(ordering: .acquiring) && !halted && heldBarrier == nil && moreToDo {
+            if !stopRequested.load(ordering: .acquiring) && !halted && heldBarrier == nil && throttled.isEmpty && moreToDo {
                 takeRequests()
             }
             pushResponses()
@@ -469,8 +479,56 @@ final class RingWorker: @unchecked Sendable {
         // With segments the range is validated, so the byte offset fits.
         slot.offset = slot.segments.isEmpty ? 0 : sectorNumber * UInt64(Blkif.sectorSize)
         guard !slot.segments.isEmpty else { return startTransfer(index) }
+        // Over its QoS limits the request waits, never fails; what follows it waits too.
+        slot.heldSince = 0
+        if !throttled.isEmpty || !admit(slot) {
+            slot.heldSince = DispatchTime.now().uptimeNanoseconds
+            throttled.append(index)
+            statistics.update { $0.delayedRequests += 1 }
+            return
+        }
+        planGrants(index)
+    }
+
+    /// Whether QoS lets the slot's READ or WRITE go now (taking its allowance); if not,
+    /// `throttledUntil` says when to ask again.
+    private func admit(_ slot: RequestSlot) -> Bool {
+        let now = DispatchTime.now().uptimeNanoseconds
+        let bytes = slot.segments.reduce(UInt64(0)) { $0 + UInt64($1.sectorCount) } * UInt64(Blkif.sectorSize)
+        guard let wait = device.throttle.admit(isWrite: slot.isWrite, bytes: bytes, now: now) else { return true }
+        throttledUntil = now + wait
+        return false
+    }
+
+    /// Lets held requests go, oldest first, while QoS admits them; all of them when the
+    /// ring is stopping (a stop must not wait for a low limit).
+    private func admitThrottled() {
+        let stopping = stopRequested.load(ordering: .acquiring)
+        guard !throttled.isEmpty, stopping || DispatchTime.now().uptimeNanoseconds >= throttledUntil else { return }
+        var admitted = 0
+        for index in throttled {
+            guard stopping || admit(slots[index]) else { break }
+            let held = DispatchTime.now().uptimeNanoseconds &- slots[index].heldSince
+            statistics.update { $0.throttledNanoseconds += held }
+            planGrants(index)
+            admitted += 1
+        }
+        throttled.removeFirst(admitted)
+        if throttled.isEmpty { moreToDo = true }
+        mapAwaitingGrants()
+    }
+
+    /// How long the loop may sleep before the head of `throttled` is due (at least 1 ms).
+    private func qosWaitMilliseconds() -> Int {
+        let now = DispatchTime.now().uptimeNanoseconds
+        return throttledUntil <= now ? 1 : max(1, Int((throttledUntil - now + 999_999) / 1_000_000))
+    }
+
+    /// The request's refs: what the persistent grants hold, and the rest for the batch.
+    private func planGrants(_ index: Int) {
+        let slot = slots[index]
         // READ fills the guest's pages (writable mapping); WRITE only reads them.
-        slot.data.reset(refs: slot.segments.lazy.map(\.gref), writesGuestPages: !isWrite)
+        slot.data.reset(refs: slot.segments.lazy.map(\.gref), writesGuestPages: !slot.isWrite)
         do throws(GrantRefusal) {
             try grants.plan(slot.data, now: slot.started)
         } catch {

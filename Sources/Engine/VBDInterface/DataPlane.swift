@@ -40,10 +40,13 @@ public struct DataPlaneRequest: Sendable {
     /// Take over rings a previous daemon served (the device stayed Connected), from their
     /// journals; otherwise start them afresh.
     public var resume: Bool
+    /// The limits in force from the start (the backend's qos-* keys).
+    public var qos: QoSLimits
 
     public init(vbd: VBDIdentity, backingStore: BackingStore, rings: RingDescription, maxIndirectSegments: Int,
-                discardEnabled: Bool, maxPersistentGrants: Int, resume: Bool = false) {
+                discardEnabled: Bool, maxPersistentGrants: Int, resume: Bool = false, qos: QoSLimits = .none) {
         self.resume = resume
+        self.qos = qos
         self.vbd = vbd
         self.backingStore = backingStore
         self.rings = rings
@@ -80,6 +83,10 @@ public protocol ConnectedRings: AnyObject, Sendable {
     var features: BlockFeatures { get }
     /// How the rings' I/O is served.
     var ioMode: IOMode { get }
+    /// The QoS limits in force. Safe from any thread.
+    var qos: QoSLimits { get }
+    /// Changes the QoS limits; the next request the rings take is measured against them.
+    func setQoS(_ limits: QoSLimits)
     /// Data-path counters since connect, summed over the rings. Safe from any thread.
     var statistics: VBDStatistics { get }
     /// Stops taking requests and releases the rings once nothing is in flight

@@ -77,6 +77,9 @@ public struct VBDStatistics: Sendable, Equatable {
     public var inflight: UInt64 = 0
     /// Grants kept mapped across requests now (feature-persistent), over all rings.
     public var persistentGrants: UInt64 = 0
+    /// Requests QoS held back, and the time they spent held.
+    public var delayedRequests: UInt64 = 0
+    public var throttledNanoseconds: UInt64 = 0
     /// Latency per request kind, indexed by `BlockOperationKind.rawValue`.
     public var latency: [LatencyHistogram] = Array(repeating: LatencyHistogram(), count: BlockOperationKind.allCases.count)
 
@@ -95,6 +98,8 @@ public struct VBDStatistics: Sendable, Equatable {
         errors &+= other.errors
         inflight &+= other.inflight
         persistentGrants &+= other.persistentGrants
+        delayedRequests &+= other.delayedRequests
+        throttledNanoseconds &+= other.throttledNanoseconds
         for index in latency.indices { latency[index].add(other.latency[index]) }
     }
 }
