@@ -168,6 +168,8 @@ restart_under_guest() { # domid console-log
         echo "E2E-RESULT backend=ours-restart test=restart-$n-$sig ok=$([ "${after:-0}" -gt 0 ] 2>/dev/null && echo 1 || echo 0) requests_since=$after"
     done
     grep -a 'took the ring over\|taking over' $LOG/blkback-server.log | tail -8 | sed 's/^/E2E-DOM0 takeover: /'
+    # What dom0's kernel said meanwhile (gntdev warnings would show here).
+    dmesg | tail -60 | sed 's/^/E2E-DOM0 dmesg: /'
 }
 
 # blkback-server around one guest: started before it, stopped (SIGTERM) after it.
