@@ -23,9 +23,12 @@ export XENSTORED_PATH=$dir/xenstored.sock
 "$bin/blkback-server" --sim "$dir" --listen 127.0.0.1:$port --log-level warning 2>"$dir/daemon.log" &
 daemon=$!
 for domid in 1 2; do
-    fio --name=fill --filename="$data/disk$domid.img" --size=256M --rw=write --bs=1M --direct=1 --ioengine=io_uring >/dev/null
+    truncate -s 256M "$data/disk$domid.img"
     "$bin/xensim" domain create --dir "$dir" --domid $domid >/dev/null
     "$bin/xensim" attach --dir "$dir" --domid $domid --devid 51712 --target "$data/disk$domid.img"
+    # A stamped pass first, so that every read the guests make is verified (and hits the disk).
+    "$bin/xensim" frontend --dir "$dir" --domid $domid --devid 51712 --workload write --bs 1M --qd 8 \
+        --max-indirect-segments 256 >/dev/null
 done
 curl -sf -X PUT -d "{\"total_iops\": $limit}" 127.0.0.1:$port/v1/vbds/1/51712/qos >/dev/null
 guest() { "$bin/xensim" frontend --dir "$dir" --domid "$1" --devid 51712 --workload randread --bs 4k --qd 32 \
