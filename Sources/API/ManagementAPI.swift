@@ -31,6 +31,7 @@ public struct ManagementAPI: Sendable {
         case stats(domid: String, devid: String)
         case state(domid: String, devid: String)
         case qos(domid: String, devid: String)
+        case resize(domid: String, devid: String)
 
         init?(path: String) {
             let parts = path.split(separator: "/", omittingEmptySubsequences: false).map(String.init)
@@ -46,13 +47,15 @@ public struct ManagementAPI: Sendable {
                 self = .state(domid: p[3], devid: p[4])
             case let p where p.count == 6 && p[1] == "v1" && p[2] == "vbds" && p[0].isEmpty && p[5] == "qos":
                 self = .qos(domid: p[3], devid: p[4])
+            case let p where p.count == 6 && p[1] == "v1" && p[2] == "vbds" && p[0].isEmpty && p[5] == "resize":
+                self = .resize(domid: p[3], devid: p[4])
             default: return nil
             }
         }
 
         var methods: [String] {
             switch self {
-            case .state: ["POST"]
+            case .state, .resize: ["POST"]
             case .qos: ["GET", "HEAD", "PUT"]
             default: ["GET", "HEAD"]
             }
@@ -98,6 +101,11 @@ public struct ManagementAPI: Sendable {
             return command(domid, devid, request, pretty: pretty, status: 202) { body throws(JSONError) in
                 .state(try Self.stateCommand(body))
             } answer: { Self.vbdJSON($0) }
+        case .resize(let domid, let devid):
+            return command(domid, devid, request, pretty: pretty, status: 202, emptyBodyAllowed: true) { body throws(JSONError) in
+                guard body == .object([]) else { throw JSONError("the body of a resize is empty or {}") }
+                return .resize
+            } answer: { Self.vbdJSON($0) }
         case .qos(let domid, let devid) where request.method == "PUT":
             return command(domid, devid, request, pretty: pretty, status: 200) { body throws(JSONError) in
                 .qos(try Self.qosLimits(body))
@@ -138,10 +146,11 @@ public struct ManagementAPI: Sendable {
         }
     }
 
-    /// An operator's command: the body parsed by `parse` (400 when it refuses it), carried out
+    /// An operator's command: the body parsed by `parse` (400 when it refuses it; an empty
+    /// body counts as {} where `emptyBodyAllowed`), carried out
     /// by the control plane, answered with `status` and `answer` of the VBD afterwards.
     private func command(_ domid: String, _ devid: String, _ request: HTTPRequest, pretty: Bool, status: Int,
-                         parse: (JSONValue) throws(JSONError) -> VBDCommand,
+                         emptyBodyAllowed: Bool = false, parse: (JSONValue) throws(JSONError) -> VBDCommand,
                          answer: (VBDSnapshot) -> JSONValue) -> HTTPResponse {
         let selector: VBDSelector
         switch Self.selector(domid, devid, request) {
@@ -150,7 +159,7 @@ public struct ManagementAPI: Sendable {
         }
         let command: VBDCommand
         do {
-            command = try parse(try JSONValue.parse(request.body))
+            command = try parse(request.body.isEmpty && emptyBodyAllowed ? .object([]) : try JSONValue.parse(request.body))
         } catch {
             return self.error(400, error.description, pretty: pretty)
         }

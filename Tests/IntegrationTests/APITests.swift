@@ -191,6 +191,34 @@ import Testing
         #expect(metrics.contains("blkback_qos_delayed_requests_total{") && metrics.contains("blkback_qos_throttled_seconds_total{"))
     }
 
+    @Test func onlineResizeReachesTheRunningGuestWithoutAReconnect() throws {
+        let rig = try APIRig("resize")
+        defer { rig.stop() }
+        try rig.startGuest()
+        #expect(try eventually { try rig.isConnected() }, "daemon: \(rig.daemon.output)")
+        func sectors() throws -> Int? { try rig.get(APIRig.vbd).json?["sectors"] as? Int }
+        #expect(try sectors() == (64 << 20) / 512)
+
+        // The file grows: the daemon notices by itself and tells the guest.
+        #expect(truncate(rig.disk, 128 << 20) == 0)
+        #expect(try eventually { try sectors() == (128 << 20) / 512 }, "daemon: \(rig.daemon.output)")
+        #expect(try rig.sim.xenstore("xenstore-read", ["/local/domain/0/backend/vbd/1/51712/sectors"]).stdout.hasPrefix("262144"))
+
+        // It shrinks to a size that is no whole number of sectors: POST …/resize reads it now,
+        // rounded down as Linux does.
+        #expect(truncate(rig.disk, (96 << 20) + 300) == 0)
+        let resized = try rig.post(APIRig.vbd + "/resize", "")
+        #expect(resized.status == 202 && resized.json?["sectors"] as? Int == (96 << 20) / 512, "\(resized.body)")
+        #expect(try rig.post(APIRig.vbd + "/resize", "[1]").status == 400)
+        #expect(try rig.post("/v1/vbds/9/51712/resize", "").status == 404)
+
+        let (status, report) = rig.stopGuest()
+        #expect(status == 0 && report?["errors"] as? Int == 0 && report?["verify_failures"] as? Int == 0, "\(String(describing: report))")
+        #expect(report?["reconnects"] as? Int == 0)
+        #expect((report?["resizes"] as? Int ?? 0) >= 1, "\(String(describing: report))")
+        #expect((report?["negotiated"] as? [String: Any])?["sectors"] as? Int == (96 << 20) / 512)
+    }
+
     @Test func bearerTokenGuardsEverythingButHealth() throws {
         let tokenFile = try Harness.temporaryDirectory("api-token").appendingPathComponent("token")
         defer { try? FileManager.default.removeItem(at: tokenFile.deletingLastPathComponent()) }

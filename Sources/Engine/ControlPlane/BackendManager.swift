@@ -25,6 +25,7 @@ public final class BackendManager: @unchecked Sendable {
     private var published: [(snapshot: VBDSnapshot, rings: (any ConnectedRings)?)] = []
     private var stopRequested = false
     private var handOverAtStop = false
+    private var lastSizeCheck: UInt64 = 0
     private var watching = false
     /// Operator commands waiting for the control-plane thread.
     private var commands: [PendingCommand] = []
@@ -115,7 +116,9 @@ public final class BackendManager: @unchecked Sendable {
         var descriptors = [pollfd(fd: context.store.watchDescriptor, events: Int16(POLLIN), revents: 0),
                            pollfd(fd: wakeup.descriptor, events: Int16(POLLIN), revents: 0)]
         while !lock.withLock({ stopRequested }) {
-            let timeout = draining.isEmpty && !devices.values.contains(where: \.disconnectPending) ? -1 : Self.drainRetryMilliseconds
+            let idle = draining.isEmpty && !devices.values.contains(where: \.disconnectPending)
+            // Connected devices are looked at every second: a store that grew or shrank.
+            let timeout = !idle ? Self.drainRetryMilliseconds : devices.values.contains(where: \.isServing) ? 1000 : -1
             let ready = poll(&descriptors, nfds_t(descriptors.count), timeout)
             if ready < 0, Glibc.errno != EINTR {
                 logger.critical("poll failed: \(String(cString: strerror(Glibc.errno)))")
@@ -125,6 +128,7 @@ public final class BackendManager: @unchecked Sendable {
             handle(context.store.pendingWatchEvents())
             performCommands()
             retryDisconnects()
+            checkSizes()
             publish()
         }
         shutdown(handingOver: lock.withLock { handOverAtStop })
@@ -300,6 +304,16 @@ public final class BackendManager: @unchecked Sendable {
             } catch {
                 pending.answer(.failure(error))
             }
+        }
+    }
+
+    /// At most once a second: every connected device's store size (an online resize).
+    private func checkSizes() {
+        let now = DispatchTime.now().uptimeNanoseconds
+        guard now &- lastSizeCheck >= 1_000_000_000 else { return }
+        lastSizeCheck = now
+        for device in devices.values where device.isServing {
+            do { try device.checkSize() } catch { logger.warning("checking the size of \(device.identity): \(error)") }
         }
     }
 

@@ -96,10 +96,34 @@ extension VBD {
         let (limits, ignored) = (try? QoSLimits.read { try backend($0) }) ?? (.none, [])
         if !ignored.isEmpty { logger.warning("ignoring \(ignored.joined(separator: ", ")): not a number within its range") }
         qos = limits
-        return DataPlaneRequest(vbd: identity, backingStore: backingStore, rings: description,
-                                maxIndirectSegments: context.configuration.maxIndirectSegments,
-                                discardEnabled: XenbusValue.flag(try? backend("discard-enable"), default: true),
-                                maxPersistentGrants: context.configuration.maxPersistentGrants, qos: limits)
+        var request = DataPlaneRequest(vbd: identity, backingStore: backingStore, rings: description,
+                                       maxIndirectSegments: context.configuration.maxIndirectSegments,
+                                       discardEnabled: XenbusValue.flag(try? backend("discard-enable"), default: true),
+                                       maxPersistentGrants: context.configuration.maxPersistentGrants, qos: limits)
+        request.sectors = disk.sectors
+        return request
+    }
+
+    /// vbd_resize: when the store's size changed (a file or device grown or shrunk), the new
+    /// `sectors` and the state (Connected, again) are written in one transaction, which makes
+    /// a connected frontend read the size again, and the rings check requests against it at
+    /// once. Returns whether the size changed.
+    @discardableResult
+    func checkSize() throws -> Bool {
+        guard let backing = disk.store else { return false }
+        let now: UInt64
+        do { now = try backing.currentSectors() } catch { throw XenbusFailure(errno: error.errno, message: error.message) }
+        guard now != disk.sectors else { return false }
+        logger.info("VBD resize: \(disk.sectors) → \(now) sectors")
+        disk.sectors = now
+        rings.connection?.resize(sectors: now)
+        guard backendState == .connected else { return true }
+        try store.transaction { transaction in
+            guard try store.read(backendPath + "/state", transaction: transaction) != nil else { return }
+            try store.write(backendPath + "/sectors", "\(now)", transaction: transaction)
+            try store.write(backendPath + "/state", "\(backendState.rawValue)", transaction: transaction)
+        }
+        return true
     }
 
     /// connect(): what the frontend needs to know about the disk, in one transaction.
@@ -110,7 +134,7 @@ extension VBD {
             ("feature-discard", features.discard ? "1" : "0"),
             // The offer, as Linux blkback publishes it: used only where the frontend offered too.
             ("feature-persistent", context.configuration.persistentGrants ? "1" : "0"),
-            ("sectors", "\(backingStore.sectors)"),
+            ("sectors", "\(disk.sectors)"),
             ("info", "\(disk.info.rawValue)"),
             ("sector-size", "\(backingStore.logicalSectorSize)"),
             ("physical-sector-size", "\(backingStore.physicalSectorSize)"),

@@ -13,6 +13,11 @@ extension VBD {
             case .state(.closed): try closeNow()
             case .state(.reconnect): try offerAgain()
             case .qos(let limits): try setQoS(limits)
+            case .resize:
+                guard disk.store != nil else {
+                    throw VBDCommandError.conflict("\(nodename) has no backing store open yet; nothing to resize")
+                }
+                try checkSize()
             }
         } catch let error as VBDCommandError {
             throw error

@@ -138,6 +138,7 @@ extension VBD {
             let opened: BackingStore
             do { opened = try BackingStore.open(source, readOnly: disk.mode != .write) } catch { throw Self.creatingVBD(error) }
             disk.store = opened
+            disk.sectors = opened.sectors
             disk.info = try vdiskInfo(readOnly: opened.readOnly)
             logger.info("opened \(opened.path) (\(opened.sectors) sectors of 512 bytes, sector size \(opened.logicalSectorSize), \(opened.readOnly ? "read-only" : "read-write"))")
             return true

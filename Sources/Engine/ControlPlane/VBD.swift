@@ -20,6 +20,9 @@ final class VBD {
         var requestedTarget = ""
         var store: BackingStore?
         var info: VDiskInfo = []
+        /// The size served, in 512-byte sectors: the store's at open, then its size at the
+        /// last resize.
+        var sectors: UInt64 = 0
     }
 
     /// The rings: the frontend's description and the data plane's hold on them.
@@ -105,6 +108,9 @@ final class VBD {
         }
     }
 
+    /// Connected with its rings served.
+    var isServing: Bool { backendState == .connected && rings.connection != nil }
+
     /// The rings while the data plane serves them (their counters are safe to read anywhere).
     var connectedRings: (any ConnectedRings)? { rings.connection }
 
@@ -113,7 +119,7 @@ final class VBD {
         return VBDSnapshot(identity: identity, backendPath: backendPath, frontendPath: frontendPath,
                            backendState: backendState, frontendState: frontendState.state,
                            mode: (disk.mode ?? .read).rawValue, target: disk.store?.path ?? disk.requestedTarget,
-                           sectors: disk.store?.sectors ?? 0, sectorSize: disk.store?.logicalSectorSize ?? 0,
+                           sectors: disk.store == nil ? 0 : disk.sectors, sectorSize: disk.store?.logicalSectorSize ?? 0,
                            physicalSectorSize: disk.store?.physicalSectorSize ?? 0, info: disk.info,
                            protocol: description?.protocol.description, queues: description?.queues.count ?? 0,
                            ringPageOrder: description?.ringPageOrder ?? 0,

@@ -21,11 +21,14 @@ public enum VBDStateCommand: String, Sendable, CaseIterable {
 public enum VBDCommand: Sendable, CustomStringConvertible {
     case state(VBDStateCommand)
     case qos(QoSLimits)
+    /// Read the store's size again and tell a connected frontend (POST …/resize).
+    case resize
 
     public var description: String {
         switch self {
         case .state(let command): "\(command)"
         case .qos: "qos"
+        case .resize: "resize"
         }
     }
 }

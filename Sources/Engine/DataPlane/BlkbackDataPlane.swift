@@ -57,9 +57,9 @@ public final class BlkbackDataPlane: DataPlane {
         let maxIndirect = min(max(request.maxIndirectSegments, 0), Blkif.maxIndirectSegments)
         let device = DeviceContext(
             domid: request.vbd.domid.rawValue, descriptor: io.descriptor,
-            limits: BlkifRequestLimits(sectors: store.sectors, readOnly: store.readOnly, maxIndirectSegments: maxIndirect,
+            fixedLimits: BlkifRequestLimits(sectors: store.sectors, readOnly: store.readOnly, maxIndirectSegments: maxIndirect,
                                        sectorsPerBlock: UInt64(max(store.logicalSectorSize, 512) / 512)),
-            features: features, ringRefs: Set(request.rings.queues.flatMap(\.ringRefs)),
+            capacity: DeviceCapacity(sectors: request.sectors ?? store.sectors), features: features, ringRefs: Set(request.rings.queues.flatMap(\.ringRefs)),
             persistentGrants: features.persistentGrants, maxPersistentGrants: request.maxPersistentGrants,
             copyTransient: copyTransient, throttle: QoSThrottle(request.qos, now: DispatchTime.now().uptimeNanoseconds))
 
@@ -82,7 +82,7 @@ public final class BlkbackDataPlane: DataPlane {
             flush, barrier\(features.discard ? ", discard" : "")\(maxIndirect > 0 ? ", \(maxIndirect) indirect segments" : ""))
             """)
         return ConnectedVBD(workers: workers, io: io, features: features, ioMode: ioMode, throttle: device.throttle,
-                            logger: logger)
+                            capacity: device.capacity, logger: logger)
     }
 
     /// The journal file of one ring, and the text that names the ring it belongs to: the
@@ -174,6 +174,17 @@ public final class BlkbackDataPlane: DataPlane {
     }
 }
 
+/// A device's size in sectors, read by its rings for every request and changed by an online
+/// resize.
+final class DeviceCapacity: Sendable {
+    private let value: Atomic<UInt64>
+    init(sectors: UInt64) { value = Atomic(sectors) }
+    var sectors: UInt64 {
+        get { value.load(ordering: .acquiring) }
+        set { value.store(newValue, ordering: .releasing) }
+    }
+}
+
 /// A data plane failure for the control plane's error node: one line.
 struct DataPlaneError: Error, CustomStringConvertible {
     let description: String
@@ -233,6 +244,7 @@ final class ConnectedVBD: ConnectedRings {
     let features: BlockFeatures
     let ioMode: IOMode
     private let throttle: QoSThrottle
+    private let capacity: DeviceCapacity
     private let workers: [RingWorker]
     private let io: IODescriptor
     private let logger: Logger
@@ -240,8 +252,9 @@ final class ConnectedVBD: ConnectedRings {
     private let released = Mutex(false)
 
     init(workers: [RingWorker], io: IODescriptor, features: BlockFeatures, ioMode: IOMode, throttle: QoSThrottle,
-         logger: Logger) {
+         capacity: DeviceCapacity, logger: Logger) {
         self.throttle = throttle
+        self.capacity = capacity
         self.workers = workers
         self.io = io
         self.features = features
@@ -250,6 +263,10 @@ final class ConnectedVBD: ConnectedRings {
     }
 
     var qos: QoSLimits { throttle.limits }
+
+    func resize(sectors: UInt64) {
+        capacity.sectors = sectors
+    }
 
     func setQoS(_ limits: QoSLimits) {
         throttle.update(limits, now: DispatchTime.now().uptimeNanoseconds)

@@ -14,8 +14,15 @@ struct DeviceContext: Sendable {
     let domid: UInt32
     /// The descriptor I/O goes to (O_DIRECT when the store allows it); owned by ConnectedVBD.
     let descriptor: Int32
-    /// Everything a request is validated against, the logical block size included.
-    let limits: BlkifRequestLimits
+    /// Everything a request is validated against but the size, which `capacity` holds.
+    let fixedLimits: BlkifRequestLimits
+    /// The device's size in sectors, changed by an online resize.
+    let capacity: DeviceCapacity
+    var limits: BlkifRequestLimits {
+        var limits = fixedLimits
+        limits.sectors = capacity.sectors
+        return limits
+    }
     let features: BlockFeatures
     /// The grant refs of every ring page of the device: never accepted as data.
     let ringRefs: Set<UInt32>

@@ -157,6 +157,24 @@ public final class BackingStore: Sendable {
     }
 
     /// `name` replaces `path` in the result and messages when the node is only temporary.
+    /// The store's size now, in 512-byte sectors, rounded down to its logical sector size (a
+    /// file or device that grew or shrank since it was opened).
+    public func currentSectors() throws(BackingStoreError) -> UInt64 {
+        var bytes: UInt64 = 0
+        if isBlockDevice {
+            guard ioctl(descriptor, 0x8008_1272, &bytes) == 0 else {
+                throw BackingStoreError(errno: Glibc.errno, message: "BLKGETSIZE64 failed on \(path)")
+            }
+        } else {
+            var info = stat()
+            guard fstat(descriptor, &info) == 0 else {
+                throw BackingStoreError(errno: Glibc.errno, message: "cannot stat \(path)")
+            }
+            bytes = UInt64(info.st_size)
+        }
+        return bytes / UInt64(logicalSectorSize) * UInt64(logicalSectorSize / 512)
+    }
+
     private static func open(path nodePath: String, readOnly: Bool, expecting number: DeviceNumber?,
                              name: String? = nil) throws(BackingStoreError) -> BackingStore {
         let path = name ?? nodePath

@@ -42,6 +42,8 @@ public struct DataPlaneRequest: Sendable {
     public var resume: Bool
     /// The limits in force from the start (the backend's qos-* keys).
     public var qos: QoSLimits
+    /// The size to serve when it differs from the store's at open (resized since); nil: the store's.
+    public var sectors: UInt64?
 
     public init(vbd: VBDIdentity, backingStore: BackingStore, rings: RingDescription, maxIndirectSegments: Int,
                 discardEnabled: Bool, maxPersistentGrants: Int, resume: Bool = false, qos: QoSLimits = .none) {
@@ -87,6 +89,8 @@ public protocol ConnectedRings: AnyObject, Sendable {
     var qos: QoSLimits { get }
     /// Changes the QoS limits; the next request the rings take is measured against them.
     func setQoS(_ limits: QoSLimits)
+    /// The device's new size (an online resize): requests are checked against it from now.
+    func resize(sectors: UInt64)
     /// Data-path counters since connect, summed over the rings. Safe from any thread.
     var statistics: VBDStatistics { get }
     /// Stops taking requests and releases the rings once nothing is in flight

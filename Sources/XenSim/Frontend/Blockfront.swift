@@ -261,6 +261,9 @@ public final class Blockfront {
         return value
     }
 
+    /// The backend's `sectors` now (read again after an online resize).
+    func backendSectors() throws -> UInt64 { try requiredBackendUnsigned("sectors") }
+
     private func requiredBackendUnsigned(_ key: String) throws -> UInt64 {
         guard try store.read("\(backendPath)/\(key)") != nil else {
             throw FrontendFailure("backend \(backendPath) is Connected but wrote no \(key)")

@@ -32,6 +32,8 @@ public struct FrontendReport: Sendable, Codable {
     /// Sectors read back that did not hold what they must.
     public var verifyFailures: UInt64
     public var reconnects: Int
+    /// Times the backend announced a new size while connected.
+    public var resizes = 0
     /// Grants the backend still mapped when the frontend exited (their pages were not reused).
     public var grantsStillMapped: Int
     public var region: Region
@@ -51,7 +53,7 @@ public struct FrontendReport: Sendable, Codable {
 
     enum CodingKeys: String, CodingKey {
         case workload, bs, qd, ops, reads, writes, flushes, bytes, seconds, iops, mibPerS = "mib_per_s"
-        case latUs = "lat_us", errors, verifyFailures = "verify_failures", reconnects
+        case latUs = "lat_us", errors, verifyFailures = "verify_failures", reconnects, resizes
         case grantsStillMapped = "grants_still_mapped", region, negotiated, error, interrupted
     }
 
@@ -194,7 +196,7 @@ public final class FrontendRun {
             if fds[0].revents != 0 { try handleEvents() }
             if fds[1].revents != 0, device.takeStateEvents() {
                 let state = try device.backendState()
-                if state != .connected { try backendClosed(state) }
+                if state != .connected { try backendClosed(state) } else { try revalidateSize() }
             }
             if !device.pages.busy.isEmpty { device.pages.retryBusy() }
             if !inFlight.isEmpty,
@@ -370,6 +372,17 @@ public final class FrontendRun {
         case .flush: report.flushes += 1
         }
         if io.operation != .flush { report.bytes += UInt64(io.byteCount) }
+    }
+
+    /// blkfront_connect on a backend that wrote Connected again: an online resize. The new
+    /// size is taken; the workload's region stays where it is.
+    private func revalidateSize() throws {
+        let sectors = try device.backendSectors()
+        guard sectors != negotiated.sectors else { return }
+        log("disk resized: \(negotiated.sectors) → \(sectors) sectors")
+        negotiated.sectors = sectors
+        report.negotiated = negotiated
+        report.resizes += 1
     }
 
     // MARK: the backend closing under us
