@@ -42,7 +42,7 @@ struct FrontendCommand: ParsableCommand {
     @Option(help: "The virtual device number (51712 = xvda).") var devid: UInt32
     @Option(help: "The device kind (device/<kind>/...).") var kind: String = "vbd"
 
-    @Option(help: "randread, randwrite, read, write, randrw or verify.") var workload: WorkloadKind = .randread
+    @Option(help: "randread, randwrite, read, write, randrw, verify or discard.") var workload: WorkloadKind = .randread
     @Option(help: "Bytes per request, a multiple of 512 (suffixes k, m).") var bs: String = "4096"
     @Option(help: "Requests in flight at most (clamped to the ring slots).") var qd: Int = 32
     @Option(help: "Stop issuing after this many seconds.") var seconds: Double?

@@ -58,15 +58,15 @@ import XenSim
     }
 
     /// A loop device made with 4096-byte logical sectors is a 4Kn disk: the backend says so
-    /// (sector-size, physical-sector-size) and the guest's 4 KiB I/O verifies. Needs root and
-    /// the loop driver, as serving block devices does.
+    /// (sector-size, physical-sector-size), the guest's 4 KiB I/O verifies, and its discards
+    /// reach the device. Needs root and the loop driver, as serving block devices does.
     @Test(.enabled(if: getuid() == 0 && FileManager.default.fileExists(atPath: "/dev/loop-control"), "needs root and /dev/loop-control"))
-    func aDiskWith4KSectorsIsServedAsOne() throws {
+    func aDiskWith4KSectorsIsServedAsOneAndTakesDiscards() throws {
         let rig = try Rig("4kn")
         defer { rig.stop() }
         let image = rig.sim.directory.appendingPathComponent("4kn.img").path
         #expect(FileManager.default.createFile(atPath: image, contents: nil) && truncate(image, 32 << 20) == 0)
-        let setup = try Harness.run("losetup", ["--find", "--show", "--sector-size", "4096", image], timeout: 30)
+        let setup = try Harness.run("losetup", ["--find", "--show", "--sector-size", "4096", "--direct-io=on", image], timeout: 30)
         try #require(setup.status == 0, "losetup: \(setup.stderr)")
         let loop = setup.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         defer { _ = try? Harness.run("losetup", ["-d", loop], timeout: 30) }
@@ -77,6 +77,16 @@ import XenSim
         #expect(negotiated?["sector_size"] as? Int == 4096 && negotiated?["physical_sector_size"] as? Int == 4096, "\(String(describing: negotiated))")
         #expect(negotiated?["sectors"] as? Int == (32 << 20) / 512, "sectors stay in 512-byte units")
         #expect(try rig.read("\(DaemonRig.backend)/physical-sector-size") == "4096")
+
+        // The loop device takes discards: offered with its queue's granularity, and a guest's
+        // DISCARD of the first 8 MiB reaches it (loop punches holes: the image reads zeros).
+        #expect(try rig.read("\(DaemonRig.backend)/feature-discard") == "1")
+        #expect(try rig.read("\(DaemonRig.backend)/discard-granularity") == "4096")
+        let discard = try Self.guest(rig, domid: 1, ["--workload", "discard", "--bs", "1M", "--bytes", "8M"])
+        #expect(discard.status == 0 && discard.errors == 0 && discard.json["discards"] as? Int == 8, "discard: \(discard.output)")
+        let file = try FileHandle(forReadingFrom: URL(fileURLWithPath: image))
+        defer { try? file.close() }
+        #expect((try file.read(upToCount: 8 << 20) ?? Data()).allSatisfy { $0 == 0 }, "the discarded range does not read as zeros")
         // Requests that are not whole 4 KiB blocks are refused (RingValidationTests); the
         // guest's own check keeps a 512-byte workload from being issued at all.
         let misaligned = try Self.guest(rig, domid: 1, ["--workload", "read", "--bs", "512", "--bytes", "4k"])

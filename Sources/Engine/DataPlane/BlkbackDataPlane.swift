@@ -61,7 +61,8 @@ public final class BlkbackDataPlane: DataPlane {
                                        sectorsPerBlock: UInt64(max(store.logicalSectorSize, 512) / 512)),
             capacity: DeviceCapacity(sectors: request.sectors ?? store.sectors), features: features, ringRefs: Set(request.rings.queues.flatMap(\.ringRefs)),
             persistentGrants: features.persistentGrants, maxPersistentGrants: request.maxPersistentGrants,
-            copyTransient: copyTransient, throttle: QoSThrottle(request.qos, now: DispatchTime.now().uptimeNanoseconds))
+            copyTransient: copyTransient, throttle: QoSThrottle(request.qos, now: DispatchTime.now().uptimeNanoseconds),
+            isBlockDevice: store.isBlockDevice)
 
         var workers: [RingWorker] = []
         do {
@@ -160,12 +161,18 @@ public final class BlkbackDataPlane: DataPlane {
         }
     }
 
-    /// What this backing store gets: flush and barrier always (fdatasync); discard on a
-    /// writable regular file whose file system punches holes, unless the toolstack said
-    /// discard-enable=0. Block devices get no discard: io_uring here has no BLKDISCARD.
+    /// What this backing store gets: flush and barrier always (fdatasync); discard, unless the
+    /// toolstack said discard-enable=0, on a writable block device whose queue takes discards
+    /// (its granularity and alignment from sysfs, as Linux blkback takes them from the queue)
+    /// or a writable regular file whose file system punches holes.
     static func features(of store: BackingStore, io: IODescriptor, discardEnabled: Bool) -> BlockFeatures {
         var features = BlockFeatures(flush: true, barrier: true)
-        if discardEnabled, !store.isBlockDevice, !store.readOnly, let granularity = io.holePunchGranularity() {
+        guard discardEnabled, !store.readOnly else { return features }
+        if let limits = store.discardLimits {
+            features.discard = true
+            features.discardGranularity = limits.granularity
+            features.discardAlignment = limits.alignment
+        } else if !store.isBlockDevice, let granularity = io.holePunchGranularity() {
             features.discard = true
             features.discardGranularity = granularity
             features.discardAlignment = 0

@@ -157,6 +157,20 @@ public final class BackingStore: Sendable {
     }
 
     /// `name` replaces `path` in the result and messages when the node is only temporary.
+    /// A block device's discard support from its queue (sysfs): nil when it takes no discard
+    /// (or for a regular file).
+    public var discardLimits: (granularity: UInt32, alignment: UInt32)? {
+        guard isBlockDevice, let number = deviceNumber else { return nil }
+        let base = "/sys/dev/block/\(number.major):\(number.minor)"
+        func value(_ name: String) -> UInt64? {
+            (try? String(contentsOfFile: "\(base)/\(name)", encoding: .utf8))
+                .flatMap { UInt64($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+        }
+        guard let maxBytes = value("queue/discard_max_bytes"), maxBytes > 0 else { return nil }
+        return (UInt32(clamping: value("queue/discard_granularity") ?? UInt64(logicalSectorSize)),
+                UInt32(clamping: value("discard_alignment") ?? 0))
+    }
+
     /// The store's size now, in 512-byte sectors, rounded down to its logical sector size (a
     /// file or device that grew or shrank since it was opened).
     public func currentSectors() throws(BackingStoreError) -> UInt64 {

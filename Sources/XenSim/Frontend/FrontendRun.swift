@@ -22,6 +22,7 @@ public struct FrontendReport: Sendable, Codable {
     public var reads: UInt64
     public var writes: UInt64
     public var flushes: UInt64
+    public var discards: UInt64 = 0
     public var bytes: UInt64
     public var seconds: Double
     public var iops: Double
@@ -52,7 +53,7 @@ public struct FrontendReport: Sendable, Codable {
     }
 
     enum CodingKeys: String, CodingKey {
-        case workload, bs, qd, ops, reads, writes, flushes, bytes, seconds, iops, mibPerS = "mib_per_s"
+        case workload, bs, qd, ops, reads, writes, flushes, discards, bytes, seconds, iops, mibPerS = "mib_per_s"
         case latUs = "lat_us", errors, verifyFailures = "verify_failures", reconnects, resizes
         case grantsStillMapped = "grants_still_mapped", region, negotiated, error, interrupted
     }
@@ -145,10 +146,14 @@ public final class FrontendRun {
     /// the rings (and to the blocks, so every I/O can have a block of its own).
     private func adopt(_ device: NegotiatedDevice) throws {
         let bs = configuration.workload.blockSize
-        guard bs <= device.maxRequestBytes else {
+        // A DISCARD names a range, not pages: no segment limit applies.
+        guard bs <= device.maxRequestBytes || configuration.workload.kind == .discard else {
             throw FrontendFailure(device.indirectSegments == 0
                 ? "--bs \(bs) needs more than \(Blkif.maxSegmentsPerRequest) segments and the device has no indirect segments negotiated; use --bs \(device.maxRequestBytes) or less"
                 : "--bs \(bs) exceeds the \(device.indirectSegments) indirect segments negotiated (\(device.maxRequestBytes) bytes)")
+        }
+        if configuration.workload.kind == .discard && !device.features.discard {
+            throw FrontendFailure("the backend offers no discard (feature-discard=0); --workload discard needs it")
         }
         if negotiated.sectors != device.sectors {
             throw FrontendFailure("the disk changed size across the reconnect (\(negotiated.sectors) → \(device.sectors) sectors)")
@@ -237,7 +242,9 @@ public final class FrontendRun {
         var request: BlkifRequest
         var data: [GrantedPage] = [], indirect: [GrantedPage] = []
 
-        if io.operation == .flush {
+        if io.operation == .discard {
+            request = .discard(.init(handle: handle, id: id, sectorNumber: io.sector, nrSectors: UInt64(io.sectorCount)))
+        } else if io.operation == .flush {
             let operation: BlkifOperation = negotiated.features.flush ? .flushDiskCache : .writeBarrier
             // Like blkfront: a flush request's position is blk-mq's unset (sector_t)-1.
             request = .readWrite(.init(operation: operation, handle: handle, id: id, sectorNumber: .max))
@@ -370,8 +377,9 @@ public final class FrontendRun {
         case .read: report.reads += 1
         case .write: report.writes += 1
         case .flush: report.flushes += 1
+        case .discard: report.discards += 1
         }
-        if io.operation != .flush { report.bytes += UInt64(io.byteCount) }
+        if io.operation == .read || io.operation == .write { report.bytes += UInt64(io.byteCount) }
     }
 
     /// blkfront_connect on a backend that wrote Connected again: an online resize. The new

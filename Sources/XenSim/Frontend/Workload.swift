@@ -1,13 +1,15 @@
 /// What the guest does with its disk, in fio's vocabulary.
 public enum WorkloadKind: String, CaseIterable, Sendable, Codable {
     case randread, randwrite, read, write, randrw, verify
+    /// DISCARD of each block of the region in turn (its contents are unknown afterwards).
+    case discard
 
     public var writes: Bool { self != .randread && self != .read }
 }
 
 /// One I/O the workload wants issued. Sectors are 512-byte units, as on the ring.
 public struct PlannedIO: Sendable, Equatable {
-    public enum Operation: String, Sendable { case read, write, flush }
+    public enum Operation: String, Sendable { case read, write, flush, discard }
     public var operation: Operation
     /// Index of the block in the region; nil for flushes.
     public var block: Int?
@@ -158,6 +160,7 @@ public struct Workload: Sendable {
             let read = Int(nextRandom() % 100) < configuration.readPercent
             return randomBlock().flatMap { plan(read ? .read : .write, block: $0) }
         case .verify: return nextVerify()
+        case .discard: return sequential(.discard)
         }
     }
 
@@ -237,6 +240,8 @@ public struct Workload: Sendable {
         guard let block = io.block else { return }
         busy[block] = false
         if io.operation == .write { expected[block] = success ? io.generation : Self.unknown }
+        // A discarded block may read back as zeros or as what it held.
+        if io.operation == .discard { expected[block] = Self.unknown }
     }
 
     /// Checks the data a successful read of `io` returned, sector by sector (each sector's
