@@ -15,7 +15,7 @@ say "phase=init uptime=$(cut -d' ' -f1 /proc/uptime)"
 # PID 1 here is a script, not an init system: nothing brings loopback up (the API listens there).
 ip link set lo up
 modprobe xenfs && mount -t xenfs xenfs /proc/xen
-for m in xen-evtchn xen-gntdev xen-gntalloc xen-privcmd; do modprobe $m; done
+for m in xen-evtchn xen-gntdev xen-gntalloc xen-privcmd loop; do modprobe $m; done
 # Kernel blkback is loaded only for its own run, never behind our daemon's back.
 echo "blacklist xen-blkback" > /etc/modprobe.d/e2e-no-kernel-blkback.conf
 mkdir -p /var/log/xen/console /run/xen
@@ -90,7 +90,7 @@ CFG
     if [ "$3" = 1 ]; then
         if wait_for "grep -q 'phase=await-xvdb' $con" $((SECONDS_EACH * 6 + 400)); then
             if [ $api_ok = 1 ]; then check_api_counters $domid $con; fi
-            xl block-attach $name "$HOTPLUG_DISK" >$LOG/block-attach.log 2>&1 \
+            xl block-attach $name "phy:$(hot_disk),xvdb,w" >$LOG/block-attach.log 2>&1 \
                 && say "backend=$b block-attach rc=0" || { say "backend=$b block-attach failed"; cat $LOG/block-attach.log; }
             xenstore-ls -f /local/domain/0/backend/vbd/$domid/51728 2>/dev/null | sed "s/^/E2E-XS backend=$b-hot /"
             if wait_for "grep -q 'phase=await-xvdb-gone' $con" 300; then
@@ -98,6 +98,11 @@ CFG
                     && say "backend=$b block-detach rc=0" || { say "backend=$b block-detach failed"; cat $LOG/block-detach.log; }
             fi
         fi
+    fi
+    if [ -n "$RESIZE_FILE" ] && wait_for "grep -q 'phase=workloads' $con" 300; then
+        # Grow the disk under the running workloads; blkback-server notices within a second.
+        sleep 10
+        truncate -s 1536M "$RESIZE_FILE" && losetup -c "$RESIZE_LOOP" && say "backend=$b grew xvda to 1536 MiB"
     fi
     if [ "$5" = restart ] && wait_for "grep -q 'phase=restart-window' $con" 300; then
         restart_under_guest $domid $con
@@ -141,6 +146,12 @@ check_api_counters() { # domid console-log
        && [ $(( got_rd - rd )) -ge -16 ] && [ $(( got_rd - rd )) -le $(( rd / 20 + 64 )) ] \
        && [ $(( got_wr - wr )) -ge -16 ] && [ $(( got_wr - wr )) -le $(( wr / 20 + 64 + ${fl:-0} )) ]; then ok=1; fi
     echo "E2E-RESULT backend=ours test=api-counters ok=$ok guest_rd=$rd api_rd_req=$got_rd guest_wr=$wr guest_fl=$fl api_wr_plus_f_req=$got_wr"
+}
+
+# The hot-plugged disk: a loop device with 4096-byte sectors over the spare virtio disk.
+hot_disk() {
+    [ -n "$HOT_LOOP" ] || HOT_LOOP=$(losetup --find --show --sector-size 4096 "$HOTPLUG_DEVICE")
+    echo "$HOT_LOOP"
 }
 
 start_daemon() {
@@ -217,7 +228,13 @@ for round in $(seq 1 $ROUNDS); do
     for b in $BACKENDS; do run_backend $b $([ $round = 1 ] && echo full || echo perf); done
 done
 case " $BACKENDS " in *" ours "*)
+    # This guest's disk is a loop device over a file, which dom0 grows during its workloads.
+    RESIZE_FILE=/var/tmp/e2e-resize.img; truncate -s 1G $RESIZE_FILE
+    RESIZE_LOOP=$(losetup --find --show --direct-io=on $RESIZE_FILE)
+    DATA_DISK_SAVED=$DATA_DISK; DATA_DISK=$RESIZE_LOOP
     run_ours ours-order4 0 0 full max_ring_page_order:4,max_queues:2
+    DATA_DISK=$DATA_DISK_SAVED; RESIZE_FILE=""
+    losetup -d $RESIZE_LOOP
     run_ours ours-restart 0 0 restart - ;;
 esac
 say "phase=done uptime=$(cut -d' ' -f1 /proc/uptime)"

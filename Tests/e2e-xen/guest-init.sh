@@ -71,6 +71,8 @@ if [ "$MODE" = restart ]; then
     finish
 fi
 [ "$MODE" = perf ] || verify_pattern /dev/xvda 32 checksum
+size_before=$(cat /sys/block/xvda/size)
+say "phase=workloads size=$size_before"
 run_fio fio-verify randwrite 4k 32 --size=32M --verify=crc32c --do_verify=1 --time_based=0 --runtime=0
 run_fio randread-4k randread 4k 32
 run_fio randwrite-4k randwrite 4k 32
@@ -80,6 +82,12 @@ run_fio seqwrite-1m write 1M 8
 run_fio fio-verify-1m write 1M 8 --size=64M --verify=crc32c --do_verify=1 --time_based=0 --runtime=0
 if [ "$MODE" = perf ]; then finish; fi
 
+# Where dom0 grows the disk during the workloads, the guest sees the new size without any
+# I/O error (an online resize).
+size_after=$(cat /sys/block/xvda/size)
+if [ "$size_after" != "$size_before" ]; then
+    result "test=online-resize ok=$([ "$size_after" -gt "$size_before" ] && echo 1 || echo 0) sectors_before=$size_before sectors_after=$size_after io_errors=$(dmesg | grep -c 'I/O error')"
+fi
 # No feature-discard from the backend: blkfront offers no discard, nothing to test.
 if [ "$(cat /sys/block/xvda/queue/discard_max_bytes)" = 0 ]; then result "test=discard skipped=1 reason=backend-offers-no-discard"
 elif blkdiscard -o 0 -l 16777216 /dev/xvda 2>/tmp/discard.err; then result "test=discard ok=1"
@@ -93,6 +101,9 @@ if [ "$HOTPLUG" = 1 ]; then
     say "phase=await-xvdb"
     if wait_for '[ -b /dev/xvdb ]' 120; then
         result "test=hot-attach ok=1 sectors=$(cat /sys/block/xvdb/size)"
+        # dom0 attaches a loop device with 4096-byte sectors: a 4Kn disk.
+        lbs=$(cat /sys/block/xvdb/queue/logical_block_size); pbs=$(cat /sys/block/xvdb/queue/physical_block_size)
+        result "test=hot-4kn ok=$([ "$lbs" = 4096 ] && echo 1 || echo 0) logical_block_size=$lbs physical_block_size=$pbs"
         verify_pattern /dev/xvdb 8 hot-checksum
         say "phase=await-xvdb-gone"
         if wait_for '[ ! -e /sys/block/xvdb ]' 120; then result "test=hot-detach ok=1"

@@ -68,7 +68,7 @@ BACKENDS="$BACKENDS"
 ROUNDS=$ROUNDS
 LOG_LEVEL=$LOG_LEVEL
 DATA_DISK=/dev/vdc
-HOTPLUG_DISK="phy:/dev/vdd,xvdb,w"
+HOTPLUG_DEVICE=/dev/vdd
 CFG
 g=$RUN/guest
 mkdir -p "$g"/{bin,sbin,proc,sys,dev,tmp,lib/modules}
