@@ -68,6 +68,8 @@ extension VBD {
     /// xen_update_blkif_status: connect once both the rings and the backing store are there.
     func tryConnect() {
         guard backendState != .connected, let description = rings.description, let backingStore = disk.store else { return }
+        // The size now: the store may have grown or shrunk since it was opened.
+        if let now = try? backingStore.currentSectors() { disk.sectors = now }
         guard let dataPlane = context.dataPlane else {
             logger.info("data plane not available; staying in InitWait")
             return
