@@ -42,10 +42,7 @@ extension VBD {
             disk.mode = AccessMode(xenstore: try backend("mode") ?? "")
             let source: BackingSource
             if let device = try backend("physical-device") {
-                guard let number = DeviceNumber(physicalDevice: device) else {
-                    throw XenbusFailure(errno: EINVAL, message: "reading physical-device: '\(XenbusValue.sanitized(device))' is not major:minor")
-                }
-                source = .device(number, pathHint: try backend("physical-device-path"))
+                source = .device(try Self.deviceNumber(physicalDevice: device), pathHint: try backend("physical-device-path"))
             } else {
                 let params = try backend("params") ?? ""
                 do { source = try BackingSource.params(params) } catch { throw Self.creatingVBD(error) }
@@ -109,8 +106,9 @@ extension VBD {
         do {
             // Missing: the watch fired at registration before the hotplug script ran.
             guard let value = try backend("physical-device") else { return }
-            guard let number = DeviceNumber(physicalDevice: value) else {
-                fatal(EINVAL, "reading physical-device: '\(XenbusValue.sanitized(value))' is not major:minor")
+            let number: DeviceNumber
+            do { number = try Self.deviceNumber(physicalDevice: value) } catch {
+                fatal(error, during: "reading physical-device")
                 return
             }
             if let open = disk.store {
@@ -146,6 +144,14 @@ extension VBD {
             fatal(error, during: "creating vbd structure", fallback: EIO)
         }
         return false
+    }
+
+    /// physical-device as the hotplug script writes it (major:minor in hex).
+    private static func deviceNumber(physicalDevice value: String) throws -> DeviceNumber {
+        guard let number = DeviceNumber(physicalDevice: value) else {
+            throw XenbusFailure(errno: EINVAL, message: "reading physical-device: '\(XenbusValue.sanitized(value))' is not major:minor")
+        }
+        return number
     }
 
     /// A backing store's refusal as xen_vbd_create reports it.

@@ -67,6 +67,15 @@ public final class AttackSession {
     @discardableResult
     func connect() throws -> NegotiatedDevice { try device.connect() }
 
+    /// Runs `body` on a device negotiated without persistent grants, then with them; `body`
+    /// gets words naming the mode, for its messages.
+    func withAndWithoutPersistentGrants(_ body: (_ persistent: Bool, _ mode: String) throws -> Void) throws {
+        for persistent in [false, true] {
+            try reconnect(persistentGrants: persistent)
+            try body(persistent, persistent ? "with persistent grants" : "without persistent grants")
+        }
+    }
+
     /// Closes the device like blkfront and negotiates again, with or without persistent
     /// grants; fails when the backend does not agree to them.
     func reconnect(persistentGrants: Bool) throws {

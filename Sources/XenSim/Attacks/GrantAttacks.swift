@@ -12,9 +12,7 @@ extension Attack {
         name: "duplicate-grant-refs",
         summary: "a READ naming the same grant twice (direct and indirect), with and without persistent grants → error, page untouched"
     ) { s in
-        for persistent in [false, true] {
-            try s.reconnect(persistentGrants: persistent)
-            let mode = persistent ? "with persistent grants" : "without persistent grants"
+        try s.withAndWithoutPersistentGrants { persistent, mode in
             let page = try s.grant(1)
             try s.expectRefused(s.readWrite(.read, sector: 0, pages: page + page), "READ naming one grant twice \(mode)", canaries: page)
             if try s.backendIndirectSegments() > Blkif.maxSegmentsPerRequest {
@@ -32,9 +30,7 @@ extension Attack {
         name: "data-ref-is-ring-ref",
         summary: "READ into the ring's own page, and its ref as an indirect page, with and without persistent grants → error, ring intact"
     ) { s in
-        for persistent in [false, true] {
-            try s.reconnect(persistentGrants: persistent)
-            let mode = persistent ? "with persistent grants" : "without persistent grants"
+        try s.withAndWithoutPersistentGrants { _, mode in
             let ring = try s.queue.ringPages[0]
             try s.expectRefused(s.readWrite(.read, sector: 0, pages: [ring]), "READ into the ring page \(mode)")
             try s.expectRefused(s.readWrite(.write, sector: 0, pages: [ring]), "WRITE from the ring page \(mode)")
