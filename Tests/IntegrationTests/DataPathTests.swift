@@ -82,6 +82,8 @@ import XenSim
         // DISCARD of the first 8 MiB reaches it (loop punches holes: the image reads zeros).
         #expect(try rig.read("\(DaemonRig.backend)/feature-discard") == "1")
         #expect(try rig.read("\(DaemonRig.backend)/discard-granularity") == "4096")
+        // A loop device has no secure erase; the BLKSECDISCARD probe must say so.
+        #expect(try rig.read("\(DaemonRig.backend)/discard-secure") == "0")
         let discard = try Self.guest(rig, domid: 1, ["--workload", "discard", "--bs", "1M", "--bytes", "8M"])
         #expect(discard.status == 0 && discard.errors == 0 && discard.json["discards"] as? Int == 8, "discard: \(discard.output)")
         let file = try FileHandle(forReadingFrom: URL(fileURLWithPath: image))

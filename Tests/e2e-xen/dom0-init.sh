@@ -51,9 +51,10 @@ print_negotiated() { # backend domid kind
 api() { curl -sS -m 10 "$@"; }
 
 # One guest: create, watch its console for the steps that need dom0, wait until it is gone.
-# mode full runs every check, perf only the verified write and the timed workloads;
-# blkfront is the guest's xen-blkfront parameters (key:value,...).
-run_guest() { # label disk-spec hotplug force mode blkfront
+# disks is xl's list of disk specs, each quoted; mode full runs every check, perf only the
+# verified write and the timed workloads; blkfront is the guest's xen-blkfront parameters
+# (key:value,...).
+run_guest() { # label disks hotplug force mode blkfront
     local b=$1 name=e2e-$1 domid t0=$(date +%s)
     cat > /tmp/$name.cfg <<CFG
 name = "$name"
@@ -63,7 +64,7 @@ ramdisk = "$E2E/guest.cpio"
 extra = "console=hvc0 quiet e2e_backend=$b e2e_seconds=$SECONDS_EACH e2e_hotplug=$3 e2e_force=$4 e2e_mode=$5 e2e_blkfront=$6"
 memory = 768
 vcpus = 2
-disk = [ '$2' ]
+disk = [ $2 ]
 on_poweroff = "destroy"
 CFG
     : > /var/log/xen/console/guest-$name.log
@@ -104,6 +105,9 @@ CFG
         sleep 10
         truncate -s 1536M "$RESIZE_FILE" && losetup -c "$RESIZE_LOOP" && say "backend=$b grew xvda to 1536 MiB"
     fi
+    if [ "$5" = beside ] && wait_for "grep -q 'phase=beside-verified' $con" $((SECONDS_EACH * 6 + 400)); then
+        check_beside $domid
+    fi
     if [ "$5" = restart ] && wait_for "grep -q 'phase=restart-window' $con" 300; then
         restart_under_guest $domid $con
     fi
@@ -122,7 +126,7 @@ CFG
     fi
     unfollow $name
     local left
-    left=$(xenstore-ls /local/domain/0/backend/vbd/$domid 2>/dev/null | wc -l)
+    left=$( (xenstore-ls /local/domain/0/backend/vbd/$domid; xenstore-ls /local/domain/0/backend/vbd3/$domid) 2>/dev/null | wc -l)
     echo "E2E-RESULT backend=$b test=clean-close ok=$([ "$left" = 0 ] && echo 1 || echo 0) backend_nodes_left=$left"
     grep -iE 'error|timed out|fail' /var/log/xen/xl-$name.log 2>/dev/null | head -20 | sed "s/^/E2E-DOM0 xl-log backend=$b: /"
 }
@@ -155,7 +159,7 @@ hot_disk() {
 }
 
 start_daemon() {
-    /e2e/blkback-server --kind vbd --listen 127.0.0.1:8080 --log-level $LOG_LEVEL >>$LOG/blkback-server.log 2>&1 &
+    /e2e/blkback-server --kind ${DAEMON_KIND:-vbd} --listen 127.0.0.1:8080 --log-level $LOG_LEVEL >>$LOG/blkback-server.log 2>&1 &
     DAEMON=$!
     wait_for "api -f http://127.0.0.1:8080/healthz >/dev/null 2>&1 || ! kill -0 $DAEMON 2>/dev/null" 60
 }
@@ -193,7 +197,7 @@ run_ours() { # label hotplug force mode blkfront
     else force=0; say "api=unavailable"; echo "E2E-RESULT backend=$1 test=api-counters skipped=1 reason=no-http-api"
          echo "E2E-RESULT backend=$1 test=api-forced-close skipped=1 reason=no-http-api"; fi
     follow $LOG/blkback-server.log blkback-server
-    run_guest $1 "phy:$DATA_DISK,xvda,w" $2 $force $4 $5
+    run_guest $1 "'phy:$DATA_DISK,xvda,w'" $2 $force $4 $5
     if kill -0 $DAEMON 2>/dev/null; then
         kill -TERM $DAEMON; t=0; while kill -0 $DAEMON 2>/dev/null && [ $t -lt 20 ]; do sleep 0.5; t=$((t+1)); done
         wait $DAEMON; rc=$?
@@ -204,16 +208,50 @@ run_ours() { # label hotplug force mode blkfront
     unfollow blkback-server
 }
 
+# Who serves each of the guest's two disks while it holds them: xvda kernel blkback (backend
+# kind vbd), xvdb blkback-server (kind vbd3, through dist/block-blkback-server).
+check_beside() { # domid
+    local fe=/local/domain/$1/device/vbd be_a be_b kernel=0 ours=0 requests
+    be_a=$(xenstore-read $fe/51712/backend 2>/dev/null); be_b=$(xenstore-read $fe/51728/backend 2>/dev/null)
+    [ "$be_a" = /local/domain/0/backend/vbd/$1/51712 ] && [ -e /sys/bus/xen-backend/devices/vbd-$1-51712 ] && kernel=1
+    echo "E2E-RESULT backend=beside test=beside-kernel-serves-xvda ok=$kernel backend_path=$be_a module=$(lsmod | grep -c '^xen_blkback')"
+    api "http://127.0.0.1:8080/v1/vbds?kind=vbd3" | sed 's/^/E2E-API beside vbds: /'; echo
+    requests=$(api http://127.0.0.1:8080/v1/vbds/$1/51728/stats | jq -r '.rd_req + .wr_req' 2>/dev/null)
+    [ "$be_b" = /local/domain/0/backend/vbd3/$1/51728 ] && [ "${requests:-0}" -gt 0 ] 2>/dev/null && ours=1
+    echo "E2E-RESULT backend=beside test=beside-ours-serves-xvdb ok=$ours backend_path=$be_b requests=${requests:-none}"
+    xenstore-ls -f /local/domain/0/backend/vbd3/$1 2>/dev/null | sed 's/^/E2E-XS backend=beside /'
+}
+
+# One guest with a disk on kernel blkback and one on blkback-server (xl's backendtype=tap,
+# which libxl writes under backend/vbd3 from Xen 4.19 on; 4.17 refuses it).
+run_beside() {
+    local version
+    version=$(xl info | awk '/^xen_version/ {print $3}')
+    case $version in 4.1[0-8].*|4.[0-9].*)
+        echo "E2E-RESULT backend=beside test=beside skipped=1 reason=xen-$version-has-no-backendtype-tap"; return ;;
+    esac
+    install -m 755 $E2E/block-blkback-server /etc/xen/scripts/block-blkback-server
+    truncate -s 256M /var/tmp/e2e-beside.img
+    modprobe xen-blkback && say "xen-blkback loaded beside blkback-server"
+    DAEMON_KIND=vbd3 start_daemon
+    follow $LOG/blkback-server.log blkback-server
+    run_guest beside "'phy:$DATA_DISK,xvda,w', 'format=raw,vdev=xvdb,access=rw,backendtype=tap,script=block-blkback-server,target=/var/tmp/e2e-beside.img'" 0 0 beside -
+    kill -INT $DAEMON; wait $DAEMON
+    unfollow blkback-server
+    echo "E2E-RESULT backend=beside test=loop-detached ok=$(losetup -j /var/tmp/e2e-beside.img | grep -c . | sed 's/^0$/1/;t;s/.*/0/')"
+    modprobe -r xen-blkback && say "xen-blkback unloaded"
+}
+
 # One guest on backend b: every check in the first round, the timed workloads after.
 run_backend() { # backend mode
     case $1 in
     kernel)
         modprobe xen-blkback && say "xen-blkback loaded"
-        run_guest kernel "phy:$DATA_DISK,xvda,w" 0 0 $2 -
+        run_guest kernel "'phy:$DATA_DISK,xvda,w'" 0 0 $2 -
         modprobe -r xen-blkback && say "xen-blkback unloaded" || say "xen-blkback unload failed"
         ;;
     qdisk)
-        run_guest qdisk "format=raw,vdev=xvda,access=rw,backendtype=qdisk,target=$DATA_DISK" 0 0 $2 -
+        run_guest qdisk "'format=raw,vdev=xvda,access=rw,backendtype=qdisk,target=$DATA_DISK'" 0 0 $2 -
         ;;
     ours)
         if [ $2 = full ]; then run_ours ours 1 1 full -; else run_ours ours 0 0 perf -; fi
@@ -235,7 +273,8 @@ case " $BACKENDS " in *" ours "*)
     run_ours ours-order4 0 0 full max_ring_page_order:4,max_queues:2
     DATA_DISK=$DATA_DISK_SAVED; RESIZE_FILE=""
     losetup -d $RESIZE_LOOP
-    run_ours ours-restart 0 0 restart - ;;
+    run_ours ours-restart 0 0 restart -
+    run_beside ;;
 esac
 say "phase=done uptime=$(cut -d' ' -f1 /proc/uptime)"
 sync

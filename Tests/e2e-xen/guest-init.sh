@@ -70,6 +70,25 @@ if [ "$MODE" = restart ]; then
     dmesg | grep -iE 'I/O error|blk_update_request|has not unmapped|disk dead' | head -5 | sed "s/^/E2E-GUEST backend=$B dmesg: /"
     finish
 fi
+if [ "$MODE" = beside ]; then
+    # xvda is served by kernel blkback, xvdb by blkback-server (backend kind vbd3): each
+    # verifies alone, then both at once.
+    if ! wait_for '[ -b /dev/xvdb ]' 60; then result "test=beside-attach ok=0 reason=no-xvdb"; finish; fi
+    verify_pattern /dev/xvda 32 beside-kernel-checksum
+    verify_pattern /dev/xvdb 32 beside-ours-checksum
+    say "step=beside-fio-verify"
+    out=$(fio --direct=1 --ioengine=libaio --rw=randwrite --bs=4k --iodepth=16 --size=64M \
+        --verify=crc32c --do_verify=1 --minimal --name=kernel --filename=/dev/xvda \
+        --name=ours --filename=/dev/xvdb 2>/tmp/fio.err)
+    rc=$?
+    errs=$(echo "$out" | cut -d';' -f5 | paste -sd, -)
+    if [ $rc -eq 0 ] && [ "$errs" = "0,0" ]; then result "test=beside-fio-verify ok=1 jobs=2"
+    else result "test=beside-fio-verify ok=0 rc=$rc err=$errs $(head -c 300 /tmp/fio.err | tr '\n' ' ')"; fi
+    # dom0 looks at who serves each disk while the guest still holds them.
+    say "phase=beside-verified"
+    sleep 15
+    finish
+fi
 [ "$MODE" = perf ] || verify_pattern /dev/xvda 32 checksum
 size_before=$(cat /sys/block/xvda/size)
 say "phase=workloads size=$size_before"

@@ -1,14 +1,16 @@
 #!/bin/bash
-# End-to-end rig on real Xen: Xen 4.17 + Debian 12 dom0 under QEMU (TCG), PV guests with the
+# End-to-end rig on real Xen: Xen + a Debian dom0 under QEMU (TCG), PV guests with the
 # unmodified Linux xen-blkfront, the same workloads on kernel blkback, QEMU qdisk and
 # blkback-server. See README.md ("Real Xen end-to-end rig"). Needs root (apt, debootstrap).
 #
-# Environment: E2E_CACHE (default /var/tmp/blkback-e2e), E2E_TIMEOUT (QEMU wall clock, s,
+# Environment: E2E_RELEASE (the Debian release of dom0 and guests: bookworm = Xen 4.17 and
+# Linux 6.1, the default; trixie = Xen 4.20 and Linux 6.12), E2E_CACHE (default /var/tmp/blkback-e2e), E2E_TIMEOUT (QEMU wall clock, s,
 # default 2400), E2E_SECONDS (per fio job, default 10), E2E_BACKENDS (default
 # "kernel qdisk ours"), E2E_ROUNDS (rounds of timed workloads, default 3), E2E_LOG_LEVEL (blkback-server, default info), E2E_SKIP_BUILD=1.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
+RELEASE=${E2E_RELEASE:-bookworm}
 CACHE=${E2E_CACHE:-/var/tmp/blkback-e2e}
 TIMEOUT=${E2E_TIMEOUT:-2400}
 SECONDS_EACH=${E2E_SECONDS:-10}
@@ -21,6 +23,7 @@ log() { echo "e2e-xen: $*" >&2; }
 die() { log "$*"; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "run as root (apt-get, debootstrap, chroot)"
+[ -f "$here/packages-$RELEASE.txt" ] || die "E2E_RELEASE=$RELEASE: no $here/packages-$RELEASE.txt (bookworm or trixie)"
 
 # 1. Host tools (idempotent).
 if ! command -v qemu-system-x86_64 >/dev/null || ! command -v debootstrap >/dev/null \
@@ -39,19 +42,19 @@ fi
 
 # 3. Dom0 root filesystem, cached on its inputs.
 mkdir -p "$CACHE"
-key=$(cat "$here/packages.txt" "$here/build-rootfs.sh" | sha256sum | cut -c1-16)
+key=$RELEASE-$(cat "$here/packages-$RELEASE.txt" "$here/build-rootfs.sh" | sha256sum | cut -c1-16)
 rootfs=$CACHE/rootfs-$key
 if [ ! -d "$rootfs" ]; then
-    log "debootstrap of the dom0 root filesystem into $rootfs (once; ~3 min)"
-    rm -rf "$CACHE"/rootfs-* "$CACHE"/root-*.img   # stale caches of other inputs
-    "$here/build-rootfs.sh" "$rootfs" > "$CACHE/debootstrap-$key.log" 2>&1 \
+    log "debootstrap of the $RELEASE dom0 root filesystem into $rootfs (once; ~3 min)"
+    rm -rf "$CACHE"/rootfs-"$RELEASE"-* "$CACHE"/root-"$RELEASE"-*.img   # stale caches of other inputs
+    "$here/build-rootfs.sh" "$rootfs" "$RELEASE" > "$CACHE/debootstrap-$key.log" 2>&1 \
         || die "debootstrap failed; see $CACHE/debootstrap-$key.log"
 fi
 imgkey=$(cat "$here/e2e-init" | sha256sum | cut -c1-8)
 rootimg=$CACHE/root-$key-$imgkey.img
 if [ ! -f "$rootimg" ]; then
     log "making the dom0 root image $rootimg"
-    rm -f "$CACHE"/root-*.img
+    rm -f "$CACHE"/root-"$RELEASE"-*.img
     install -m 755 "$here/e2e-init" "$rootfs/sbin/e2e-init"
     rm -f "$rootimg.tmp" && truncate -s 4G "$rootimg.tmp"
     mkfs.ext4 -q -F -d "$rootfs" "$rootimg.tmp" && mv "$rootimg.tmp" "$rootimg"
@@ -62,6 +65,7 @@ kver=$(ls "$rootfs/lib/modules" | head -1)
 rm -rf "$RUN" && mkdir -p "$RUN/payload" "$RUN/guest"
 strip -o "$RUN/payload/blkback-server" "$bin"
 install -m 755 "$here/dom0-init.sh" "$RUN/payload/dom0-init.sh"
+install -m 755 "$repo/dist/block-blkback-server" "$RUN/payload/block-blkback-server"
 cat > "$RUN/payload/config" <<CFG
 SECONDS_EACH=$SECONDS_EACH
 BACKENDS="$BACKENDS"

@@ -163,8 +163,8 @@ public final class BlkbackDataPlane: DataPlane {
 
     /// What this backing store gets: flush and barrier always (fdatasync); discard, unless the
     /// toolstack said discard-enable=0, on a writable block device whose queue takes discards
-    /// (its granularity and alignment from sysfs, as Linux blkback takes them from the queue)
-    /// or a writable regular file whose file system punches holes.
+    /// (its granularity and alignment from sysfs, as Linux blkback takes them from the queue;
+    /// discard-secure when it takes secure erase) or a writable regular file whose file system punches holes.
     static func features(of store: BackingStore, io: IODescriptor, discardEnabled: Bool) -> BlockFeatures {
         var features = BlockFeatures(flush: true, barrier: true)
         guard discardEnabled, !store.readOnly else { return features }
@@ -172,6 +172,7 @@ public final class BlkbackDataPlane: DataPlane {
             features.discard = true
             features.discardGranularity = limits.granularity
             features.discardAlignment = limits.alignment
+            features.discardSecure = store.takesSecureErase
         } else if !store.isBlockDevice, let granularity = io.holePunchGranularity() {
             features.discard = true
             features.discardGranularity = granularity

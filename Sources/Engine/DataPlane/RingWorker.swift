@@ -63,6 +63,8 @@ private final class RequestSlot {
     var transferred: UInt64 = 0
     var flushAfter = false
     var discardLength: UInt64 = 0
+    /// BLKIF_DISCARD_SECURE: BLKSECDISCARD instead of BLKDISCARD.
+    var secureDiscard = false
     /// Submissions not yet completed.
     var outstanding = 0
     var started: UInt64 = 0
@@ -367,7 +369,7 @@ final class RingWorker: @unchecked Sendable {
         slots[index].kind = kind
         if let kind { count(kind) }
         // Discard not offered is EOPNOTSUPP whatever else is wrong with the request.
-        if case .discard(let discard) = request, !device.features.discard || discard.secure {
+        if case .discard(let discard) = request, !device.features.discard || (discard.secure && !device.features.discardSecure) {
             return fail(index, .notSupported, discard.secure ? "secure discard not offered" : "discard not offered")
         }
         guard validate(index, { () throws(BlkifRequestError) in try request.validate(for: device.limits) }) else { return }
@@ -386,6 +388,7 @@ final class RingWorker: @unchecked Sendable {
             guard discard.nrSectors > 0 else { return finish(index) }
             slots[index].offset = discard.sectorNumber * UInt64(Blkif.sectorSize)
             slots[index].discardLength = discard.nrSectors * UInt64(Blkif.sectorSize)
+            slots[index].secureDiscard = discard.secure
             slots[index].stage = .discard
             submitStage(index)
         case .other(let operation, _):
@@ -681,10 +684,11 @@ final class RingWorker: @unchecked Sendable {
                 try uring.flush(device.descriptor, tag: tag(index))
                 slot.outstanding += 1
             case .discard where device.isBlockDevice:
-                // BLKDISCARD, in this thread as Linux blkback's dispatch_discard_io does
-                // (io_uring gained a discard command only in Linux 6.12).
+                // BLKDISCARD (BLKSECDISCARD), in this thread as Linux blkback's dispatch_discard_io
+                // does (io_uring gained a discard command only in Linux 6.12, and none for secure erase).
                 var range: (UInt64, UInt64) = (slot.offset, slot.discardLength)
-                if ioctl(device.descriptor, 0x1277, &range) != 0 {
+                let request = slot.secureDiscard ? BackingStore.secureDiscardRequest : BackingStore.discardRequest
+                if ioctl(device.descriptor, request, &range) != 0 {
                     let error = errno
                     slot.status = error == EOPNOTSUPP ? .notSupported : .error
                     warn("discard of \(slot.discardLength) bytes at byte \(slot.offset) failed: \(String(cString: strerror(error)))")
