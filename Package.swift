@@ -13,13 +13,21 @@ let package = Package(
     products: [
         .executable(name: "blkback-server", targets: ["BlkbackServer"]),
         .executable(name: "xensim", targets: ["xensim"]),
+        .executable(name: "blkbackctl", targets: ["blkbackctl"]),
         .library(name: "Engine", targets: ["Engine"]),
         .library(name: "API", targets: ["API"]),
         .library(name: "XenSim", targets: ["XenSim"]),
+        .library(name: "BlkbackClient", targets: ["BlkbackClient"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-openapi-generator", from: "1.14.3"),
+        .package(url: "https://github.com/apple/swift-openapi-runtime", from: "1.13.4"),
+        // AsyncHTTPClient streams response bodies on Linux (the URLSession transport buffers
+        // them there), which the event stream needs.
+        .package(url: "https://github.com/swift-server/swift-openapi-async-http-client", from: "1.5.0"),
+        .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
     ],
     targets: [
         cLibrary("CXenStore", pkgConfig: "xenstore", apt: ["libxen-dev"]),
@@ -87,6 +95,23 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // The API's client, generated from openapi.yaml at build time (swift-openapi-generator).
+        .target(
+            name: "BlkbackClient",
+            dependencies: [
+                .product(name: "OpenAPIRuntime", package: "swift-openapi-runtime"),
+                .product(name: "OpenAPIAsyncHTTPClient", package: "swift-openapi-async-http-client"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+            ],
+            plugins: [.plugin(name: "OpenAPIGenerator", package: "swift-openapi-generator")]
+        ),
+        .executableTarget(
+            name: "blkbackctl",
+            dependencies: [
+                "BlkbackClient",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
         .executableTarget(
             name: "xensim",
             dependencies: [
@@ -105,7 +130,7 @@ let package = Package(
             name: "XenSimTests",
             dependencies: ["XenSim", "Engine", "SimHypervisor", "CXenBlkif", "CURing", "XenStoreTestSupport"]
         ),
-        .testTarget(name: "IntegrationTests", dependencies: ["Xenbus", "XenSim", "XenStoreTestSupport"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["Xenbus", "XenSim", "XenStoreTestSupport", "BlkbackClient"]),
         .testTarget(
             name: "APITests",
             dependencies: ["API", "Engine", "Blkif", "ControlPlane", "DataPlane", "VBDInterface", "Xenbus", "Hypervisor", "CURing"]

@@ -30,12 +30,36 @@ public struct HTTPResponse: Sendable {
     public var status: Int
     public var headers: [(String, String)]
     public var body: [UInt8]
+    /// A body produced while it is sent (instead of `body`), until the stream ends.
+    public var stream: (any HTTPBodyStream)?
 
-    public init(status: Int, headers: [(String, String)] = [], body: [UInt8] = []) {
+    public init(status: Int, headers: [(String, String)] = [], body: [UInt8] = [], stream: (any HTTPBodyStream)? = nil) {
         self.status = status
         self.headers = headers
         self.body = body
+        self.stream = stream
     }
+}
+
+/// What a streamed body says when the server asks for more.
+public enum HTTPStreamRead: Sendable, Equatable {
+    /// This many bytes were written into the buffer.
+    case bytes(Int)
+    /// Nothing now: the connection is parked (it holds no thread) until `wake` is called.
+    case wait
+    /// The body is complete.
+    case end
+}
+
+/// A response body written while it is sent (Server-Sent Events). The server calls `read`
+/// from one of its threads whenever the socket has room; after `.wait` it calls `read` again
+/// only once the stream calls the `wake` it was attached with.
+public protocol HTTPBodyStream: AnyObject, Sendable {
+    /// Called once, before the first `read`.
+    func attach(wake: @escaping @Sendable () -> Void)
+    func read(into buffer: UnsafeMutableRawBufferPointer) -> HTTPStreamRead
+    /// The connection is gone (the client left, the stream ended or the server stops).
+    func close()
 }
 
 public struct HTTPServerError: Error, CustomStringConvertible, Sendable {
@@ -44,7 +68,8 @@ public struct HTTPServerError: Error, CustomStringConvertible, Sendable {
 
 /// An embedded HTTP server on libmicrohttpd: a pool of threads each running its own epoll
 /// loop, bounded connections, idle timeouts and capped request bodies. Handlers run on the
-/// pool's threads and must not block for long.
+/// pool's threads and must not block for long. A streamed body with nothing to send parks
+/// its connection (MHD_suspend_connection) instead of holding a thread.
 public final class HTTPServer: @unchecked Sendable {
     public struct Configuration: Sendable {
         public var address: ListenAddress
@@ -75,6 +100,8 @@ public final class HTTPServer: @unchecked Sendable {
     private let lock = NSLock()
     /// Requests between their first byte and their completion.
     private var activeRequests = 0
+    /// Streamed bodies being sent, ended first when the server stops.
+    private var streams: [ObjectIdentifier: StreamedBody] = [:]
     /// PEM texts stay allocated while the daemon runs.
     private var pem: [UnsafeMutablePointer<CChar>] = []
 
@@ -93,7 +120,7 @@ public final class HTTPServer: @unchecked Sendable {
 
     public func start() throws(HTTPServerError) {
         var flags = MHD_USE_INTERNAL_POLLING_THREAD.rawValue | MHD_USE_EPOLL.rawValue | MHD_USE_ITC.rawValue
-            | MHD_USE_ERROR_LOG.rawValue
+            | MHD_USE_ERROR_LOG.rawValue | MHD_ALLOW_SUSPEND_RESUME.rawValue
         if configuration.address.isIPv6 { flags |= MHD_USE_IPv6.rawValue }
         // No LISTENING_ADDRESS_REUSE: on Linux that is SO_REUSEPORT, and a second daemon
         // would share the port instead of being told it is taken.
@@ -172,6 +199,7 @@ public final class HTTPServer: @unchecked Sendable {
         guard let daemon else { return }
         self.daemon = nil
         let listener = MHD_quiesce_daemon(daemon)
+        for stream in lock.withLock({ Array(streams.values) }) { stream.end() }
         let deadline = Date().addingTimeInterval(grace)
         while lock.withLock({ activeRequests }) > 0, Date() < deadline { usleep(10_000) }
         MHD_stop_daemon(daemon)
@@ -233,6 +261,7 @@ public final class HTTPServer: @unchecked Sendable {
     }
 
     private func queue(_ response: HTTPResponse, on connection: OpaquePointer) -> MHD_Result {
+        if let stream = response.stream { return queue(response, streaming: stream, on: connection) }
         let body = response.body
         guard let answer = body.withUnsafeBytes({ bytes in
             MHD_create_response_from_buffer(bytes.count, UnsafeMutableRawPointer(mutating: bytes.baseAddress), .RESPMEM_MUST_COPY)
@@ -240,6 +269,113 @@ public final class HTTPServer: @unchecked Sendable {
         defer { MHD_destroy_response(answer) }
         for (name, value) in response.headers { _ = MHD_add_response_header(answer, name, value) }
         return MHD_queue_response(connection, UInt32(response.status), answer)
+    }
+
+    /// A body of unknown length (chunked), read from `stream` as the socket takes it.
+    private func queue(_ response: HTTPResponse, streaming stream: any HTTPBodyStream, on connection: OpaquePointer) -> MHD_Result {
+        // A fixed send buffer: on loopback the kernel would grow it to megabytes per stream,
+        // hiding a client that does not read behind memory instead of the stream's own bound.
+        let socket = blkback_mhd_connection_socket(connection)
+        if socket >= 0 {
+            var bytes = Int32(Self.streamSendBuffer)
+            setsockopt(socket, SOL_SOCKET, SO_SNDBUF, &bytes, socklen_t(MemoryLayout<Int32>.size))
+        }
+        let body = StreamedBody(stream: stream, connection: connection)
+        stream.attach { [weak body] in body?.wake() }
+        lock.withLock { streams[ObjectIdentifier(body)] = body }
+        let context = Unmanaged.passRetained(StreamedBodyContext(server: self, body: body)).toOpaque()
+        guard let answer = MHD_create_response_from_callback(UInt64.max, 4096, { cls, _, buffer, capacity in
+            guard let cls, let buffer else { return -1 }
+            let context = Unmanaged<StreamedBodyContext>.fromOpaque(cls).takeUnretainedValue()
+            return context.body.read(into: UnsafeMutableRawBufferPointer(start: buffer, count: capacity))
+        }, context, { cls in
+            // The response is destroyed: the connection is gone.
+            guard let cls else { return }
+            let context = Unmanaged<StreamedBodyContext>.fromOpaque(cls).takeRetainedValue()
+            context.body.closed()
+            context.server?.lock.withLock { _ = context.server?.streams.removeValue(forKey: ObjectIdentifier(context.body)) }
+        }) else {
+            Unmanaged<StreamedBodyContext>.fromOpaque(context).release()
+            lock.withLock { _ = streams.removeValue(forKey: ObjectIdentifier(body)) }
+            stream.close()
+            return .NO
+        }
+        defer { MHD_destroy_response(answer) }
+        for (name, value) in response.headers { _ = MHD_add_response_header(answer, name, value) }
+        return MHD_queue_response(connection, UInt32(response.status), answer)
+    }
+
+    /// SO_SNDBUF of a streamed body's socket (the kernel doubles it).
+    static let streamSendBuffer = 32 * 1024
+
+    private final class StreamedBodyContext {
+        weak var server: HTTPServer?
+        let body: StreamedBody
+        init(server: HTTPServer, body: StreamedBody) {
+            self.server = server
+            self.body = body
+        }
+    }
+
+    /// One streamed body and its connection's parking: the connection is suspended when the
+    /// stream has nothing, and resumed by the stream's wake — each under one lock, so a
+    /// wake-up between the stream's "nothing" and the suspension is never lost.
+    private final class StreamedBody: @unchecked Sendable {
+        let stream: any HTTPBodyStream
+        private let connection: OpaquePointer
+        private let lock = NSLock()
+        private var suspended = false
+        private var wokenWhileReading = false
+        private var ended = false
+        private var gone = false
+
+        init(stream: any HTTPBodyStream, connection: OpaquePointer) {
+            self.stream = stream
+            self.connection = connection
+        }
+
+        /// libmicrohttpd's content reader: bytes, 0 (parked, or asked again at once after a
+        /// wake-up that came while reading), or -1 for the end (MHD_CONTENT_READER_END_OF_STREAM).
+        func read(into buffer: UnsafeMutableRawBufferPointer) -> Int {
+            lock.withLock {
+                if ended { return -1 }
+                switch stream.read(into: buffer) {
+                case .bytes(let count): return count
+                case .end: return -1
+                case .wait:
+                    if wokenWhileReading {
+                        wokenWhileReading = false
+                        return 0
+                    }
+                    suspended = true
+                    MHD_suspend_connection(connection)
+                    return 0
+                }
+            }
+        }
+
+        func wake() {
+            lock.withLock {
+                guard !gone else { return }
+                if suspended {
+                    suspended = false
+                    MHD_resume_connection(connection)
+                } else {
+                    wokenWhileReading = true
+                }
+            }
+        }
+
+        /// Ends the body at its next read (the server stops).
+        func end() {
+            lock.withLock { ended = true }
+            wake()
+        }
+
+        func closed() {
+            lock.withLock { gone = true }
+            stream.close()
+        }
     }
 
     private static func value(_ connection: OpaquePointer, _ kind: MHD_ValueKind, _ name: String) -> String? {

@@ -5,6 +5,8 @@ import Foundation
 /// control plane. BackendManager provides it; handlers never touch the data plane.
 public protocol ManagedBackend: AnyObject, Sendable {
     var isWatching: Bool { get }
+    /// What happens to the VBDs (GET /v1/events).
+    var events: VBDEventLog { get }
     func snapshots() -> [VBDSnapshot]
     func perform(_ command: VBDCommand, on selector: VBDSelector,
                  timeout: Double) -> Result<VBDSnapshot, VBDCommandError>
@@ -19,14 +21,16 @@ public struct ManagementAPI: Sendable {
 
     private let backend: any ManagedBackend
     private let token: BearerToken?
+    public let eventStreams: EventStreams
 
-    public init(backend: any ManagedBackend, token: BearerToken?) {
+    public init(backend: any ManagedBackend, token: BearerToken?, events: EventStreams.Configuration = .init()) {
         self.backend = backend
         self.token = token
+        eventStreams = EventStreams(log: backend.events, configuration: events)
     }
 
     private enum Route {
-        case health, vbds, metrics
+        case health, vbds, metrics, events
         case vbd(domid: String, devid: String)
         case stats(domid: String, devid: String)
         case state(domid: String, devid: String)
@@ -39,6 +43,7 @@ public struct ManagementAPI: Sendable {
             case ["", "healthz"]: self = .health
             case ["", "metrics"]: self = .metrics
             case ["", "v1", "vbds"]: self = .vbds
+            case ["", "v1", "events"]: self = .events
             case let p where p.count == 5 && p[1] == "v1" && p[2] == "vbds" && p[0].isEmpty:
                 self = .vbd(domid: p[3], devid: p[4])
             case let p where p.count == 6 && p[1] == "v1" && p[2] == "vbds" && p[0].isEmpty && p[5] == "stats":
@@ -57,6 +62,7 @@ public struct ManagementAPI: Sendable {
             switch self {
             case .state, .resize: ["POST"]
             case .qos: ["GET", "HEAD", "PUT"]
+            case .events: ["GET"]
             default: ["GET", "HEAD"]
             }
         }
@@ -87,6 +93,8 @@ public struct ManagementAPI: Sendable {
             let kind = request.query["kind"]
             let vbds = backend.snapshots().filter { kind == nil || $0.kind == kind }
             return json(200, .object([("vbds", .array(vbds.map(Self.vbdJSON)))]), pretty: pretty)
+        case .events:
+            return events(request, pretty: pretty)
         case .metrics:
             return HTTPResponse(status: 200, headers: [("Content-Type", MetricsExposition.contentType), ("Cache-Control", "no-store")],
                                 body: Array(MetricsExposition.render(backend.snapshots()).utf8))
@@ -119,6 +127,43 @@ public struct ManagementAPI: Sendable {
     }
 
     // MARK: handlers
+
+    /// GET /v1/events: `?domid=` and `?kind=` filter, `Last-Event-ID` resumes.
+    private func events(_ request: HTTPRequest, pretty: Bool) -> HTTPResponse {
+        var filter = VBDEventFilter()
+        for (name, value) in request.query {
+            switch name {
+            case "domid":
+                guard let domid = DomainID(pathElement: value) else {
+                    return error(400, "domid '\(Self.printable(value))' is not a domain number (0 to \(DomainID.largest))", pretty: pretty)
+                }
+                filter.domid = domid
+            case "kind":
+                guard !value.isEmpty, value.utf8.count <= 64, value.utf8.allSatisfy({ $0.isASCIILowercaseOrDigit }) else {
+                    return error(400, "kind '\(Self.printable(value))' is not a backend kind (vbd, vbd3, qdisk, ...)", pretty: pretty)
+                }
+                filter.kind = value
+            case "pretty":
+                continue
+            default:
+                return error(400, "unknown query argument '\(Self.printable(name))'; /v1/events takes domid and kind", pretty: pretty)
+            }
+        }
+        var lastEventID: UInt64?
+        if let header = request.header("Last-Event-ID"), !header.isEmpty {
+            guard let id = UInt64(header.trimmingCharacters(in: .whitespaces)) else {
+                return error(400, "Last-Event-ID '\(Self.printable(header))' is not an event id (a whole number)", pretty: pretty)
+            }
+            lastEventID = id
+        }
+        guard let stream = eventStreams.openStream(filter: filter, lastEventID: lastEventID) else {
+            var response = error(503, "\(eventStreams.configuration.maximumStreams) event streams are open already; close one or retry later", pretty: pretty)
+            response.headers.append(("Retry-After", "5"))
+            return response
+        }
+        return HTTPResponse(status: 200, headers: [("Content-Type", "text/event-stream"), ("Cache-Control", "no-store"),
+                                                   ("X-Accel-Buffering", "no")], stream: stream)
+    }
 
     struct ErrorResponse: Error {
         let status: Int
@@ -303,4 +348,8 @@ public struct ManagementAPI: Sendable {
         }
         return textQuality > jsonQuality
     }
+}
+
+private extension UInt8 {
+    var isASCIILowercaseOrDigit: Bool { (UInt8(ascii: "a")...UInt8(ascii: "z")).contains(self) || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(self) }
 }

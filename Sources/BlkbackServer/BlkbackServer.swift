@@ -93,6 +93,15 @@ struct BlkbackServer: ParsableCommand {
     @Option(help: "The domain this backend runs in.")
     var domid: UInt32 = 0
 
+    @Option(help: "GET /v1/events streams open at once (each parks its connection, holding no thread); one more gets 503.")
+    var maxEventStreams: Int = 1024
+
+    @Option(help: ArgumentHelp("Seconds between heartbeat comments on an idle event stream.", valueName: "seconds"))
+    var eventHeartbeat: Double = 15
+
+    @Option(help: "Events queued for one event stream whose client does not keep up; one more cuts it off.")
+    var eventQueue: Int = 1024
+
     func run() throws {
         let options = validatedOptions()
         if let sim, getenv("XENSTORED_PATH") == nil {
@@ -134,6 +143,11 @@ struct BlkbackServer: ParsableCommand {
             maxRingPageOrder: maxRingPageOrder, maxIndirectSegments: maxIndirectSegments,
             persistentGrants: persistentGrants, maxPersistentGrants: maxPersistentGrants)
         if let problem = configuration.validationError { fail(problem, code: 2) }
+        guard (1...65536).contains(maxEventStreams) else { fail("--max-event-streams must be 1...65536, got \(maxEventStreams)", code: 2) }
+        guard (1...1_048_576).contains(eventQueue) else { fail("--event-queue must be 1...1048576, got \(eventQueue)", code: 2) }
+        guard eventHeartbeat >= 0.1, eventHeartbeat <= 3600 else {
+            fail("--event-heartbeat must be 0.1...3600 seconds, got \(eventHeartbeat)", code: 2)
+        }
 
         let address: ListenAddress
         do {
@@ -215,9 +229,16 @@ struct BlkbackServer: ParsableCommand {
             fail("cannot start the control plane: \(error)", code: 1)
         }
 
-        let api = ManagementAPI(backend: manager, token: options.token)
+        var events = EventStreams.Configuration()
+        events.maximumStreams = maxEventStreams
+        events.heartbeatSeconds = eventHeartbeat
+        events.queueCapacity = eventQueue
+        let api = ManagementAPI(backend: manager, token: options.token, events: events)
         var serverConfiguration = HTTPServer.Configuration(address: options.address, tls: options.tls)
         serverConfiguration.maximumBodySize = 64 * 1024
+        // Event streams stay open; the other requests keep slots of their own.
+        serverConfiguration.connectionLimit = maxEventStreams + 64
+        raiseDescriptorLimit(to: serverConfiguration.connectionLimit + 256, logger: logger)
         let server = HTTPServer(configuration: serverConfiguration, logger: Logger(label: "blkback.api"),
                                 tooLarge: { limit in ManagementAPI.errorResponse(413, "request body larger than \(limit) bytes") },
                                 handler: { request in api.respond(request) })
@@ -274,6 +295,18 @@ struct BlkbackServer: ParsableCommand {
         // its watch thread, which libxenstore would cancel in xs_close) goes with the process.
         logger.info("stopped")
         Foundation.exit(0)
+    }
+
+    /// Open connections each hold a descriptor: lift the soft limit (1024 by default) toward
+    /// the hard one so that the API's connection limit, not EMFILE, is what a client meets.
+    private func raiseDescriptorLimit(to wanted: Int, logger: Logger) {
+        var limit = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur < rlim_t(wanted) else { return }
+        let target = min(rlim_t(wanted), limit.rlim_max)
+        limit.rlim_cur = target
+        if setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) != 0 || target < rlim_t(wanted) {
+            logger.warning("open files limited to \(target), below the \(wanted) the API's connections may need; raise LimitNOFILE")
+        }
     }
 
     /// One line on stderr and the exit code: what failed and what to do.

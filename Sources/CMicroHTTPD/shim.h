@@ -48,3 +48,9 @@ static inline struct MHD_Daemon *blkback_mhd_start(unsigned int flags, uint16_t 
                             MHD_OPTION_ARRAY, options,
                             MHD_OPTION_END);
 }
+
+/* MHD_get_connection_info is variadic: the connection's socket, or -1. */
+static inline int blkback_mhd_connection_socket(struct MHD_Connection *connection) {
+    const union MHD_ConnectionInfo *info = MHD_get_connection_info(connection, MHD_CONNECTION_INFO_CONNECTION_FD);
+    return info != NULL ? info->connect_fd : -1;
+}

@@ -10,6 +10,8 @@ import Xenbus
 /// watch descriptor and a wakeup pipe; every VBD's state is owned by that thread.
 public final class BackendManager: @unchecked Sendable {
     private let context: ControlPlaneContext
+    /// What happens to the VBDs (GET /v1/events).
+    public var events: VBDEventLog { context.events }
     private let wakeup: WakeupPipe
     private var logger: Logger { context.logger }
     private var configuration: BackendConfiguration { context.configuration }
@@ -37,8 +39,9 @@ public final class BackendManager: @unchecked Sendable {
     /// At shutdown, how long in-flight requests may take before we stop waiting.
     private static let shutdownDrainSeconds = 8.0
 
-    public init(configuration: BackendConfiguration, store: XenStore, dataPlane: (any DataPlane)?, logger: Logger) throws {
-        context = ControlPlaneContext(store: store, configuration: configuration, dataPlane: dataPlane, logger: logger)
+    public init(configuration: BackendConfiguration, store: XenStore, dataPlane: (any DataPlane)?, logger: Logger,
+                events: VBDEventLog = VBDEventLog()) throws {
+        context = ControlPlaneContext(store: store, configuration: configuration, dataPlane: dataPlane, logger: logger, events: events)
         wakeup = try WakeupPipe()
     }
 
@@ -246,9 +249,7 @@ public final class BackendManager: @unchecked Sendable {
             if state == .connected, online {
                 // A previous daemon left it serving (a planned restart or a crash): resume.
                 guard let frontend = try context.store.read(path + "/frontend"), try context.store.directory(frontend) != nil else { return }
-                let device = VBD(vbd, context: context)
-                devices[vbd] = device
-                device.takeOver()
+                adopt(vbd, state).takeOver()
                 return
             }
             switch state {
@@ -259,12 +260,18 @@ public final class BackendManager: @unchecked Sendable {
             default:
                 return
             }
-            let device = VBD(vbd, context: context)
-            devices[vbd] = device
-            device.probe()
+            adopt(vbd, state).probe()
         } catch {
             logger.warning("checking \(path) failed: \(error)")
         }
+    }
+
+    /// A device this daemon serves from now on.
+    private func adopt(_ vbd: VBDIdentity, _ state: XenbusState?) -> VBD {
+        let device = VBD(vbd, context: context)
+        devices[vbd] = device
+        context.events.publish(.added, vbd, [("backend_state", .text((state ?? .unknown).description))])
+        return device
     }
 
     /// A toolstack's Closing (online=0) on a device we do not serve, or no longer serve: we
@@ -285,6 +292,7 @@ public final class BackendManager: @unchecked Sendable {
 
     private func forget(_ device: VBD, _ reason: VBD.StopReason) {
         devices[device.identity] = nil
+        context.events.publish(.removed, device.identity, [("reason", .text("\(reason)"))])
         if let busy = device.stop(reason) { draining.append(busy) }
     }
 

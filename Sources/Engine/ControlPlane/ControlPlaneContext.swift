@@ -8,6 +8,8 @@ struct ControlPlaneContext {
     let configuration: BackendConfiguration
     let dataPlane: (any DataPlane)?
     let logger: Logger
+    /// What happens to the VBDs, for the API's event stream.
+    let events: VBDEventLog
 }
 
 /// The watch tokens the control plane registers; the token routes an event to its handler.

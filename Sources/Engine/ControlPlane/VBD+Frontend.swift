@@ -11,6 +11,8 @@ extension VBD {
             let reading = FrontendStateReading(node: try store.read(frontendPath + "/state"))
             if reading != frontendState {
                 logger.info("frontend \(frontendState) → \(reading) (backend \(backendState))")
+                context.events.publish(.frontendState, identity, [("state", .text(reading.description)),
+                                                                 ("previous", .text(frontendState.description))])
             } else if reading.state == .closed, backendState == .initWait {
                 // A frontend that was already Closed when we offered the device (a guest
                 // waiting across a daemon restart) is not a new close: keep offering it;
@@ -86,6 +88,7 @@ extension VBD {
         do {
             try publishDisk(backingStore, features: connected.features)
             try switchState(.connected)
+            publishConnected(description, connected, backingStore)
         } catch {
             fatal(error, during: "publishing the disk", fallback: EIO)
             _ = disconnect()
@@ -103,6 +106,7 @@ extension VBD {
                                        discardEnabled: XenbusValue.flag(try? backend("discard-enable"), default: true),
                                        maxPersistentGrants: context.configuration.maxPersistentGrants, qos: limits)
         request.sectors = disk.sectors
+        request.events = VBDEventReporter(vbd: identity, log: context.events)
         return request
     }
 
@@ -117,6 +121,7 @@ extension VBD {
         do { now = try backing.currentSectors() } catch { throw XenbusFailure(errno: error.errno, message: error.message) }
         guard now != disk.sectors else { return false }
         logger.info("VBD resize: \(disk.sectors) → \(now) sectors")
+        context.events.publish(.resized, identity, [("sectors", .number(now)), ("previous_sectors", .number(disk.sectors))])
         disk.sectors = now
         rings.connection?.resize(sectors: now)
         guard backendState == .connected else { return true }
@@ -126,6 +131,20 @@ extension VBD {
             try store.write(backendPath + "/state", "\(backendState.rawValue)", transaction: transaction)
         }
         return true
+    }
+
+    /// The `connected` event: what both ends agreed on.
+    func publishConnected(_ description: RingDescription, _ connected: any ConnectedRings, _ backingStore: BackingStore) {
+        context.events.publish(.connected, identity, [
+            ("protocol", .text("\(description.protocol)")),
+            ("queues", .number(UInt64(description.queues.count))),
+            ("ring_page_order", .number(UInt64(description.ringPageOrder))),
+            ("persistent_grants", .flag(connected.features.persistentGrants)),
+            ("io_mode", .text(connected.ioMode.rawValue)),
+            ("sectors", .number(disk.sectors)),
+            ("sector_size", .number(UInt64(backingStore.logicalSectorSize))),
+            ("discard", .flag(connected.features.discard)),
+        ])
     }
 
     /// connect(): what the frontend needs to know about the disk, in one transaction.

@@ -45,6 +45,7 @@ extension VBD {
         }
         qos = limits
         rings.connection?.setQoS(limits)
+        context.events.publish(.qosChanged, identity, QoSLimits.fields.map { ($0.name, .number(limits[keyPath: $0.value])) })
         logger.info("operator: QoS limits \(limits.isUnlimited ? "removed" : "set")")
     }
 

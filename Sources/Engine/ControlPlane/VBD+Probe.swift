@@ -63,6 +63,7 @@ extension VBD {
             rings.features = connected.features
             try watch(backendPath + "/physical-device", .physicalDevice(identity))
             try watch(frontendPath + "/state", .frontendState(identity))
+            publishConnected(description, connected, backingStore)
             logger.info("took over the connected device: \(description.queues.count) queue(s), protocol \(description.protocol)")
         } catch {
             fatal(error, during: "taking over the connected device", fallback: EIO)

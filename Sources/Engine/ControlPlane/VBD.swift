@@ -81,6 +81,7 @@ final class VBD {
             }
         }
         logger.debug("backend \(backendState) → \(state)")
+        context.events.publish(.backendState, identity, [("state", .text(state.description)), ("previous", .text(backendState.description))])
         backendState = state
     }
 

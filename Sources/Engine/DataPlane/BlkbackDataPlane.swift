@@ -62,7 +62,7 @@ public final class BlkbackDataPlane: DataPlane {
             capacity: DeviceCapacity(sectors: request.sectors ?? store.sectors), features: features, ringRefs: Set(request.rings.queues.flatMap(\.ringRefs)),
             persistentGrants: features.persistentGrants, maxPersistentGrants: request.maxPersistentGrants,
             copyTransient: copyTransient, throttle: QoSThrottle(request.qos, now: DispatchTime.now().uptimeNanoseconds),
-            isBlockDevice: store.isBlockDevice)
+            isBlockDevice: store.isBlockDevice, events: request.events)
 
         var workers: [RingWorker] = []
         do {

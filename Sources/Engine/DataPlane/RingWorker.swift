@@ -35,6 +35,8 @@ struct DeviceContext: Sendable {
     let throttle: QoSThrottle
     /// Discards go to the device (BLKDISCARD) rather than punching holes in a file.
     let isBlockDevice: Bool
+    /// Halts and error responses, for the API's event stream.
+    let events: VBDEventReporter
 }
 
 /// One request between being taken off the ring and being answered (blkback's pending_req).
@@ -179,6 +181,8 @@ final class RingWorker: @unchecked Sendable {
     private var awaitingCopyOut: [Int] = []
     private var copySegments: [GrantCopySegment] = []
     private var lastWarning: UInt64 = 0
+    private var lastErrorEvent: UInt64 = 0
+    private var errorsSinceEvent: UInt64 = 0
     private var publishedPersistentGrants: UInt64 = 0
 
     /// Takes ownership of `eventChannels` (bound to `localPort`) and `ringMapping`; releases
@@ -260,7 +264,7 @@ final class RingWorker: @unchecked Sendable {
             try uring.watch(wakeup, tag: Self.wakeupTag)
         } catch {
             logger.critical("cannot wait on the event channel: \(error); ring stopped")
-            halted = true
+            halt("cannot wait on the event channel: \(error)")
         }
         if let recovery {
             resume(recovery)
@@ -283,7 +287,7 @@ final class RingWorker: @unchecked Sendable {
                 submissionBlocked = true
             } catch {
                 logger.critical("io_uring failed: \(error); ring stopped")
-                halted = true
+                halt("io_uring failed: \(error)")
                 if inflight == 0 { break }
                 usleep(1000)
             }
@@ -335,7 +339,7 @@ final class RingWorker: @unchecked Sendable {
             }
         } catch {
             logger.error("frontend broke the ring protocol (\(error)); no longer serving this ring")
-            halted = true
+            halt("frontend broke the ring protocol: \(error)")
             moreToDo = false
         }
     }
@@ -774,6 +778,7 @@ final class RingWorker: @unchecked Sendable {
         responsesQueued = true
         let elapsed = DispatchTime.now().uptimeNanoseconds &- slot.started
         let failed = slot.status != .okay
+        if failed { reportErrorResponse(slot) }
         let kind = slot.kind
         statistics.update {
             $0.inflight -= 1
@@ -816,6 +821,25 @@ final class RingWorker: @unchecked Sendable {
             publishedPersistentGrants = mapped
             statistics.update { $0.persistentGrants = mapped }
         }
+    }
+
+    /// Stops taking requests on this ring, once.
+    private func halt(_ reason: String) {
+        guard !halted else { return }
+        halted = true
+        device.events(.ringHalted, [("queue", .number(UInt64(queue))), ("reason", .text(reason))])
+    }
+
+    /// An io-error event at most once a second per ring, with the count since the last one.
+    private func reportErrorResponse(_ slot: RequestSlot) {
+        errorsSinceEvent += 1
+        let now = DispatchTime.now().uptimeNanoseconds
+        guard now &- lastErrorEvent >= 1_000_000_000 || lastErrorEvent == 0 else { return }
+        lastErrorEvent = now
+        device.events(.ioError, [("queue", .number(UInt64(queue))), ("operation", .text(slot.kind.map { "\($0)" } ?? "unknown")),
+                                 ("status", .text("\(slot.status)")), ("sector", .number(slot.offset / UInt64(Blkif.sectorSize))),
+                                 ("count", .number(errorsSinceEvent))])
+        errorsSinceEvent = 0
     }
 
     /// A warning at most once a second per ring, so a hostile frontend cannot flood the log.

@@ -44,12 +44,15 @@ public struct DataPlaneRequest: Sendable {
     public var qos: QoSLimits
     /// The size to serve when it differs from the store's at open (resized since); nil: the store's.
     public var sectors: UInt64?
+    /// Where the rings report a halt and error responses (the API's event stream).
+    public var events: VBDEventReporter
 
     public init(vbd: VBDIdentity, backingStore: BackingStore, rings: RingDescription, maxIndirectSegments: Int,
                 discardEnabled: Bool, maxPersistentGrants: Int, resume: Bool = false, qos: QoSLimits = .none) {
         self.resume = resume
         self.qos = qos
         self.vbd = vbd
+        self.events = VBDEventReporter(vbd: vbd, log: nil)
         self.backingStore = backingStore
         self.rings = rings
         self.maxIndirectSegments = maxIndirectSegments

@@ -185,17 +185,20 @@ public struct Toolstack {
         try removeDevices(domid: domid, devices: [(kind, devid)], removingFrontends: false)
     }
 
-    /// libxl__initiate_device_generic_remove: online=0 and Closing in one transaction (with
-    /// the frontend removed in it too when the removal is forced), then a wait for Closed.
+    /// libxl__initiate_device_generic_remove: online=0 and, unless the backend is Closed
+    /// already, Closing, in one transaction (with the frontend removed in it too when the
+    /// removal is forced); then a wait for Closed (at once when it is).
     private func removeDevices(domid: UInt32, devices: [(kind: String, devid: UInt32)], removingFrontends: Bool) throws {
         var pending: [String] = []
         for (kind, devid) in devices {
             let backend = backendPath(kind: kind, domid: domid, devid: devid)
             try store.transaction { tx in
                 if removingFrontends { try store.remove(Self.frontendPath(kind: kind, domid: domid, devid: devid), transaction: tx) }
-                guard try store.read("\(backend)/state", transaction: tx) != nil else { return }
+                guard let state = try store.read("\(backend)/state", transaction: tx) else { return }
                 try store.write("\(backend)/online", "0", transaction: tx)
-                try store.write("\(backend)/state", "\(XenbusState.closing.rawValue)", transaction: tx)
+                if XenbusState(node: state) != .closed {
+                    try store.write("\(backend)/state", "\(XenbusState.closing.rawValue)", transaction: tx)
+                }
             }
             pending.append(backend)
         }

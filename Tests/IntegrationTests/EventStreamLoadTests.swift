@@ -1,0 +1,113 @@
+import BlkbackClient
+import Foundation
+import Testing
+
+/// Many open event streams and one that never reads: the rest of the API keeps answering,
+/// and every other stream keeps its events.
+@Suite(.serialized)
+struct EventStreamLoadTests {
+    /// A client that asks for the event stream and then reads only when told: connected from
+    /// `source` (any 127.x address is loopback), with a small receive buffer when asked.
+    static func openStream(port: UInt16, source: String, receiveBuffer: Int32? = nil) throws -> Int32 {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw HarnessError("socket: \(String(cString: strerror(errno)))") }
+        if var size = receiveBuffer { setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size)) }
+        var timeout = timeval(tv_sec: 30, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        func address(_ host: String, _ port: UInt16) -> sockaddr_in {
+            var address = sockaddr_in()
+            address.sin_family = sa_family_t(AF_INET)
+            address.sin_port = port.bigEndian
+            address.sin_addr.s_addr = inet_addr(host)
+            return address
+        }
+        var local = address(source, 0), remote = address("127.0.0.1", port)
+        let connected = withUnsafePointer(to: &local) { localPointer in
+            withUnsafePointer(to: &remote) { remotePointer in
+                localPointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } == 0
+                    && remotePointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } == 0
+            }
+        }
+        guard connected else {
+            let error = String(cString: strerror(errno))
+            close(fd)
+            throw HarnessError("connect from \(source): \(error)")
+        }
+        let request = "GET /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n"
+        guard write(fd, request, request.utf8.count) == request.utf8.count else { close(fd); throw HarnessError("write failed") }
+        return fd
+    }
+
+    /// What the server sent until `marker` shows up, the connection ends or 60 s pass.
+    static func read(_ fd: Int32, until marker: String? = nil) -> String {
+        var data = [UInt8]()
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        let deadline = Date().addingTimeInterval(60)
+        while Date() < deadline {
+            let count = Glibc.read(fd, &buffer, buffer.count)
+            if count <= 0 { break }
+            data += buffer[..<count]
+            if let marker, String(decoding: data, as: UTF8.self).contains(marker) { break }
+        }
+        return String(decoding: data, as: UTF8.self)
+    }
+
+    static func residentKiB(_ pid: Int32) -> Int {
+        let status = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
+        let line = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") } ?? ""
+        return Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0
+    }
+
+    @Test func aThousandOpenStreamsLeaveHealthAndMetricsAnswering() throws {
+        let rig = try APIRig("events-1000", daemonArguments: ["--max-event-streams", "1000"])
+        defer { rig.stop() }
+        let before = Self.residentKiB(rig.daemon.pid)
+        var streams: [Int32] = []
+        defer { for fd in streams { close(fd) } }
+        // 32 sources (the API allows 32 connections per client address) of up to 32 streams.
+        for index in 0..<1000 {
+            streams.append(try Self.openStream(port: rig.port, source: "127.0.0.\(2 + index / 32)"))
+        }
+        var answered = 0
+        for fd in streams where Self.read(fd, until: "retry:").contains("HTTP/1.1 200") { answered += 1 }
+        #expect(answered == 1000)
+        let after = Self.residentKiB(rig.daemon.pid)
+        print("1000 open event streams: daemon RSS \(before) KiB → \(after) KiB (\((after - before) * 1024 / 1000) bytes per stream)")
+
+        let health = try rig.get("/healthz")
+        #expect(health.status == 200)
+        let metrics = try rig.get("/metrics")
+        #expect(metrics.status == 200 && metrics.body.contains("blkback_reads_completed_total"))
+        // One stream more than --max-event-streams: a JSON 503, and the rest stay.
+        let refused = try rig.get("/v1/events")
+        #expect(refused.status == 503 && refused.error?.contains("1000 event streams") == true, "\(refused.status) \(refused.body)")
+        // An event reaches a stream opened first.
+        #expect(try rig.request("PUT", APIRig.vbd + "/qos", body: Array(#"{"total_iops":700}"#.utf8)).status == 200)
+        #expect(Self.read(streams[0], until: "\"total_iops\":700").contains("event: qos-changed"))
+    }
+
+    @Test func aStreamThatNeverReadsIsCutOffAndTheOthersGetEveryEvent() async throws {
+        let rig = try APIRig("events-stalled", daemonArguments: ["--event-queue", "16"])
+        defer { rig.stop() }
+        // A tiny receive window, never read: the daemon's writes stall and its queue fills.
+        let stalled = try Self.openStream(port: rig.port, source: "127.0.0.2", receiveBuffer: 2048)
+        defer { close(stalled) }
+        let reader = try await EventReader(rig.base)
+        let client = Client.blkback(url: URL(string: rig.base)!)
+        // ~330 bytes an event: well over what the socket buffers (the daemon's fixed 64 KiB
+        // send buffer, the client's smallest window) and the 16-event queue hold.
+        let rounds = 1000
+        let started = Date()
+        for iops in 1...rounds {
+            _ = try await client.setVBDQoS(path: .init(domid: 1, devid: 51712), body: .json(.init(totalIops: iops)))
+        }
+        print("\(rounds) qos-changed events published in \(String(format: "%.2f", Date().timeIntervalSince(started))) s")
+        await reader.expectEvent("the last qos-changed") { $0.totalIops == rounds }
+        let got = await reader.events.filter { $0._type == .qosChanged }.compactMap(\.totalIops)
+        #expect(got == Array(1...rounds), "the reading stream missed events: \(got.count) of \(rounds)")
+        // Read what the stalled client was sent: it ends, cut off.
+        let drained = Self.read(stalled, until: "event: cut-off")
+        #expect(drained.contains("event: cut-off"), "the stalled stream was not cut off: \(drained.suffix(300))")
+        await reader.stop()
+    }
+}
