@@ -133,7 +133,7 @@ let package = Package(
         .testTarget(name: "IntegrationTests", dependencies: ["Xenbus", "XenSim", "XenStoreTestSupport", "BlkbackClient"]),
         .testTarget(
             name: "APITests",
-            dependencies: ["API", "Engine", "Blkif", "ControlPlane", "DataPlane", "VBDInterface", "Xenbus", "Hypervisor", "CURing"]
+            dependencies: ["API", "Engine", "XenStoreTestSupport", "Blkif", "ControlPlane", "DataPlane", "VBDInterface", "Xenbus", "Hypervisor", "CURing"]
         ),
     ]
 )

@@ -1,6 +1,7 @@
 import BlkbackClient
 import Foundation
 import Testing
+import XenStoreTestSupport
 
 /// Many open event streams and one that never reads: the rest of the API keeps answering,
 /// and every other stream keeps its events.
@@ -38,20 +39,6 @@ struct EventStreamLoadTests {
         return fd
     }
 
-    /// What the server sent until `marker` shows up, the connection ends or 60 s pass.
-    static func read(_ fd: Int32, until marker: String? = nil) -> String {
-        var data = [UInt8]()
-        var buffer = [UInt8](repeating: 0, count: 65536)
-        let deadline = Date().addingTimeInterval(60)
-        while Date() < deadline {
-            let count = Glibc.read(fd, &buffer, buffer.count)
-            if count <= 0 { break }
-            data += buffer[..<count]
-            if let marker, String(decoding: data, as: UTF8.self).contains(marker) { break }
-        }
-        return String(decoding: data, as: UTF8.self)
-    }
-
     static func residentKiB(_ pid: Int32) -> Int {
         let status = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
         let line = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") } ?? ""
@@ -68,8 +55,11 @@ struct EventStreamLoadTests {
         for index in 0..<1000 {
             streams.append(try Self.openStream(port: rig.port, source: "127.0.0.\(2 + index / 32)"))
         }
+        var readers = streams.map { ChunkedResponseReader(socket: $0) }
         var answered = 0
-        for fd in streams where Self.read(fd, until: "retry:").contains("HTTP/1.1 200") { answered += 1 }
+        for index in readers.indices where readers[index].read(until: { $0.contains("retry:") }) && readers[index].status == 200 {
+            answered += 1
+        }
         #expect(answered == 1000)
         let after = Self.residentKiB(rig.daemon.pid)
         print("1000 open event streams: daemon RSS \(before) KiB → \(after) KiB (\((after - before) * 1024 / 1000) bytes per stream)")
@@ -83,7 +73,7 @@ struct EventStreamLoadTests {
         #expect(refused.status == 503 && refused.error?.contains("1000 event streams") == true, "\(refused.status) \(refused.body)")
         // An event reaches a stream opened first.
         #expect(try rig.request("PUT", APIRig.vbd + "/qos", body: Array(#"{"total_iops":700}"#.utf8)).status == 200)
-        #expect(Self.read(streams[0], until: "\"total_iops\":700").contains("event: qos-changed"))
+        #expect(readers[0].read { $0.contains("\"total_iops\":700") } && readers[0].text.contains("event: qos-changed"))
     }
 
     @Test func aStreamThatNeverReadsIsCutOffAndTheOthersGetEveryEvent() async throws {
@@ -116,8 +106,8 @@ struct EventStreamLoadTests {
         let got = zip(limits, [0] + limits).filter { $0 != $1 }.map(\.0)
         #expect(got == Array(1...rounds), "the reading stream missed events: \(got.count) of \(rounds)")
         // Read what the stalled client was sent: it ends, cut off.
-        let drained = Self.read(stalled, until: "event: cut-off")
-        #expect(drained.contains("event: cut-off"), "the stalled stream was not cut off: \(drained.suffix(300))")
+        var drained = ChunkedResponseReader(socket: stalled)
+        #expect(drained.read { $0.contains("event: cut-off") }, "the stalled stream was not cut off: \(drained.text.suffix(300))")
         await reader.stop()
     }
 }
