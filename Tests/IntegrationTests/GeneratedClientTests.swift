@@ -87,6 +87,21 @@ struct GeneratedClientTests {
         await events.stop()
     }
 
+    @Test func aHostileGuestShowsAsErrorAndHaltEvents() async throws {
+        let rig = try APIRig("client-hostile")
+        defer { rig.stop() }
+        let events = try await EventReader(rig.base, query: .init(domid: 1))
+        // Requests naming a grant the guest never gave: error responses, reported once a second.
+        let refused = try rig.sim.xensim(["attack"], ["--domid", "1", "--devid", "51712", "--name", "bad-grant-ref"])
+        #expect(refused.status == 0, "\(refused.stdout) \(refused.stderr)")
+        await events.expectEvent("io-error") { $0._type == .ioError && ($0.count ?? 0) >= 1 && $0.status == "error" }
+        // A producer index beyond the ring: the ring is halted, and the stream says so.
+        let overflow = try rig.sim.xensim(["attack"], ["--domid", "1", "--devid", "51712", "--name", "ring-index-overflow"])
+        #expect(overflow.status == 0, "\(overflow.stdout) \(overflow.stderr)")
+        await events.expectEvent("ring-halted") { $0._type == .ringHalted && $0.reason?.contains("protocol") == true && $0.queue == 0 }
+        await events.stop()
+    }
+
     @Test func streamsResumeFromLastEventIDFilterAndRefuseBadArguments() async throws {
         let rig = try APIRig("client-resume")
         defer { rig.stop() }
