@@ -126,9 +126,11 @@ import Testing
         #expect(try eventually { try rig.isConnected() })
         #expect(try eventually { try rig.stats()["rd_req"]! > 0 })
 
-        // closed: immediately Closed; reconnect once the guest has closed its side.
+        // closed: Closed at once, or Closing at once and Closed when the requests in flight
+        // are answered; reconnect once the guest has closed its side.
         let closed = try rig.post(state, #"{"state":"closed"}"#)
-        #expect(closed.status == 202 && closed.json?["backend_state"] as? String == "Closed", "\(closed.body)")
+        #expect(closed.status == 202 && ["Closing", "Closed"].contains(closed.json?["backend_state"] as? String), "\(closed.body)")
+        #expect(try eventually { try rig.backendState() == "Closed" })
         #expect(try eventually {
             try rig.post(state, #"{"state":"reconnect"}"#).status == 202
         })
@@ -151,6 +153,33 @@ import Testing
 
         let unknown = try rig.post("/v1/vbds/1/51713/state", #"{"state":"closing"}"#)
         #expect(unknown.status == 404)
+    }
+
+    /// A frontend that sees Closed takes its pages back: Closed must never be written while
+    /// requests are in flight (their grants still mapped). QoS holds a guest's requests
+    /// back so that a forced close finds them in flight.
+    @Test func closedIsWrittenOnlyOnceNothingIsInFlight() throws {
+        let rig = try APIRig("closed-after-drain")
+        defer { rig.stop() }
+        #expect(try rig.request("PUT", APIRig.vbd + "/qos", body: Array(#"{"total_iops":40,"burst_seconds":1}"#.utf8)).status == 200)
+        try rig.startGuest()
+        #expect(try eventually { try rig.isConnected() && (try rig.stats()["inflight"] ?? 0) > 8 })
+        let closed = try rig.post(APIRig.vbd + "/state", #"{"state":"closed"}"#)
+        // Requests held back by QoS are in flight: Closing now, Closed once they are answered.
+        #expect(closed.status == 202 && closed.json?["backend_state"] as? String == "Closing", "\(closed.body)")
+        var samples = 0, violations: [String] = []
+        #expect(try eventually {
+            // The state first: once it says Closed, nothing may be in flight any more.
+            let state = try rig.backendState()
+            let inflight = try rig.stats()["inflight"] ?? -1
+            samples += 1
+            if state == "Closed", inflight != 0 { violations.append("Closed with \(inflight) in flight") }
+            return state == "Closed"
+        })
+        #expect(violations.isEmpty, "\(violations)")
+        print("closed-after-drain: \(samples) samples until Closed")
+        let (_, report) = rig.stopGuest()
+        #expect(report?["verify_failures"] as? Int ?? 0 == 0)
     }
 
     @Test func qosLimitsAreSetLiveKeptInXenstoreAndHoldRequestsBack() throws {

@@ -28,6 +28,9 @@ extension VBD {
             let actions = frontendChanged(backend: backendState, frontend: reading, online: try isOnline())
             for action in actions {
                 switch action {
+                case .switchState(.closed) where rings.disconnectPending:
+                    // Mappings remain: Closed follows once the rings are released.
+                    rings.closeWhenReleased = true
                 case .switchState(let state):
                     try switchState(state)
                 case .disconnect:

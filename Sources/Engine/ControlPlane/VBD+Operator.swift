@@ -62,9 +62,7 @@ extension VBD {
         guard backendState != .closed else {
             throw VBDCommandError.conflict("backend of \(nodename) is already Closed")
         }
-        // Busy rings are released by the manager's drain retries.
-        _ = disconnect()
-        try switchState(.closed)
+        try closeWhenDrained()
         logger.info("operator: closed")
     }
 

@@ -21,7 +21,29 @@ extension VBD {
         return false
     }
 
-    func retryDisconnect() { _ = disconnect() }
+    func retryDisconnect() {
+        guard disconnect(), rings.closeWhenReleased else { return }
+        rings.closeWhenReleased = false
+        do {
+            try switchState(.closed)
+            logger.info("rings released; Closed")
+        } catch {
+            logger.warning("writing Closed after the rings were released failed: \(error)")
+        }
+    }
+
+    /// Closed now when nothing is mapped; otherwise Closing now (the frontend stops sending)
+    /// and Closed once the rings are released (the manager's drain retries call
+    /// `retryDisconnect`).
+    func closeWhenDrained() throws {
+        if disconnect() {
+            try switchState(.closed)
+        } else {
+            rings.closeWhenReleased = true
+            try switchState(.closing)
+            logger.info("Closed deferred until the requests in flight are answered and their grants unmapped")
+        }
+    }
 
     /// `handover`: the daemon stops for a planned restart and leaves every device as the
     /// guests see it, for the next one to take over.
@@ -56,6 +78,7 @@ extension VBD {
         watches.removeAll()
         let busy = disconnect(handingOver: reason == .handover) ? nil : rings.connection
         rings.connection = nil
+        rings.closeWhenReleased = false
         disk.store = nil
         let afterwards: () -> Void
         switch reason {

@@ -31,6 +31,9 @@ final class VBD {
         var connection: (any ConnectedRings)?
         /// A disconnect found requests in flight; the manager calls `retryDisconnect` later.
         var disconnectPending = false
+        /// Closed is owed once that disconnect succeeds: a frontend that sees Closed takes
+        /// its pages back, so it must not see it while any of them is still mapped.
+        var closeWhenReleased = false
         var features = BlockFeatures.none
     }
 
