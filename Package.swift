@@ -128,7 +128,7 @@ let package = Package(
         .target(name: "XenStoreTestSupport", dependencies: ["Xenbus"], path: "Tests/XenStoreTestSupport"),
         .testTarget(
             name: "XenSimTests",
-            dependencies: ["XenSim", "Engine", "SimHypervisor", "CXenBlkif", "CURing", "XenStoreTestSupport"]
+            dependencies: ["XenSim", "Engine", "DataPlane", "SimHypervisor", "CXenBlkif", "CURing", "XenStoreTestSupport"]
         ),
         .testTarget(name: "IntegrationTests", dependencies: ["Xenbus", "XenSim", "XenStoreTestSupport", "BlkbackClient"]),
         .testTarget(

@@ -22,3 +22,7 @@ static inline int curing_enable_rings(struct io_uring *ring) {
     long status = syscall(__NR_io_uring_register, ring->ring_fd, IORING_REGISTER_ENABLE_RINGS, (void *)0, 0);
     return status < 0 ? -errno : 0;
 }
+/* The tag an entry carries (liburing 2.3 has no getter for a submission entry). */
+static inline unsigned long long curing_sqe_tag(const struct io_uring_sqe *sqe) {
+    return sqe->user_data;
+}

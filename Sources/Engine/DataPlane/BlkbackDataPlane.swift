@@ -272,6 +272,11 @@ final class ConnectedVBD: ConnectedRings {
 
     var qos: QoSLimits { throttle.limits }
 
+    /// Fault injection for tests: each ring's next `count` submissions fail with `errno`.
+    func failSubmissions(_ count: Int, errno: Int32) {
+        for worker in workers { worker.failSubmissions(count, errno: errno) }
+    }
+
     func resize(sectors: UInt64) {
         capacity.sectors = sectors
     }

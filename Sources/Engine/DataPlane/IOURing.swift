@@ -2,6 +2,7 @@ import Blkif
 internal import CURing
 import Glibc
 import Hypervisor
+import Synchronization
 import VBDInterface
 
 /// One io_uring instance (liburing), used by one thread: the first one that queues or waits
@@ -46,6 +47,48 @@ final class IOURing {
     }
 
     deinit { io_uring_queue_exit(&ring) }
+
+    /// Fault injection for tests (from any thread): the next `count` io_uring_enter calls
+    /// that would submit fail with `errno` instead; the entries stay queued, as after a real
+    /// refusal.
+    func failSubmissions(_ count: Int, errno: Int32) {
+        injectedErrno.store(errno, ordering: .relaxed)
+        injectedFailures.store(count, ordering: .releasing)
+    }
+    private let injectedFailures = Atomic<Int>(0)
+    private let injectedErrno = Atomic<Int32>(0)
+
+    private func injectedFailure() -> Int32? {
+        guard injectedFailures.load(ordering: .acquiring) > 0, io_uring_sq_ready(&ring) > 0 else { return nil }
+        guard injectedFailures.wrappingSubtract(1, ordering: .acquiringAndReleasing).oldValue > 0 else { return nil }
+        return injectedErrno.load(ordering: .relaxed)
+    }
+
+    /// After io_uring_enter refused to submit: the tags of the entries the kernel did not
+    /// take. Each becomes a no-op tagged `ignored`, so that a later io_uring_enter cannot
+    /// start I/O for a request that was already answered.
+    func withdrawUnsubmitted(replacingTagsWith ignored: UInt64) -> [UInt64] {
+        var tags: [UInt64] = []
+        let mask = ring.sq.ring_mask
+        func withdraw(_ index: UInt32) {
+            let entry = ring.sq.sqes + Int(index & mask)
+            tags.append(curing_sqe_tag(entry))
+            io_uring_prep_nop(entry)
+            io_uring_sqe_set_data64(entry, ignored)
+        }
+        // Handed to the kernel (ktail moved) but not consumed, then not yet handed over.
+        var position = ring.sq.khead.pointee
+        while position != ring.sq.ktail.pointee {
+            withdraw(ring.sq.array[Int(position & mask)])
+            position &+= 1
+        }
+        position = ring.sq.sqe_head
+        while position != ring.sq.sqe_tail {
+            withdraw(position)
+            position &+= 1
+        }
+        return tags
+    }
 
     /// The calling thread becomes the ring's only submitter.
     private func enableIfNeeded() throws {
@@ -118,6 +161,7 @@ final class IOURing {
     @discardableResult
     func submitAndWait(minimum: UInt32, milliseconds: Int? = nil) throws -> Bool {
         try enableIfNeeded()
+        if let injected = injectedFailure() { throw SystemCallError(operation: "io_uring_enter (injected)", errno: injected) }
         let status: Int32
         if minimum == 0 {
             status = io_uring_submit_and_get_events(&ring)

@@ -288,6 +288,12 @@ final class RingWorker: @unchecked Sendable {
             } catch {
                 logger.critical("io_uring failed: \(error); ring stopped")
                 halt("io_uring failed: \(error)")
+                // What the kernel never took is answered now (an error), or in-flight would
+                // never drain and the disconnect would wait forever.
+                for tag in uring.withdrawUnsubmitted(replacingTagsWith: Self.withdrawnTag) {
+                    completed(IOURing.Completion(tag: tag, result: -ECANCELED, more: false))
+                }
+                pushResponses()
                 if inflight == 0 { break }
                 usleep(1000)
             }
@@ -648,6 +654,8 @@ final class RingWorker: @unchecked Sendable {
     /// Completion tags of the two watches; request slots use their index.
     static let eventChannelTag = UInt64.max
     static let wakeupTag = UInt64.max - 1
+    /// Entries withdrawn after a refused submission, turned into no-ops.
+    static let withdrawnTag = UInt64.max - 2
 
     private func tag(_ index: Int) -> UInt64 { UInt64(index) }
 
@@ -712,38 +720,7 @@ final class RingWorker: @unchecked Sendable {
     }
 
     private func reapCompletions() {
-        uring.reapCompletions { completion in
-            switch completion.tag {
-            case Self.eventChannelTag, Self.wakeupTag:
-                return watchFired(completion)
-            default:
-                break
-            }
-            let index = Int(completion.tag)
-            let slot = slots[index]
-            slot.outstanding -= 1
-            if completion.result < 0 {
-                if slot.status == .okay {
-                    slot.status = completion.result == -EOPNOTSUPP ? .notSupported : .error
-                    warn("\(slot.operation) at byte \(slot.offset) failed: \(String(cString: strerror(-completion.result)))")
-                }
-            } else if slot.stage == .data {
-                slot.transferred += UInt64(completion.result)
-            }
-            guard slot.outstanding == 0 else { return }
-            if slot.stage == .data && slot.status == .okay && slot.transferred != slot.bytes {
-                warn("short \(slot.isWrite ? "write" : "read") at byte \(slot.offset): \(slot.transferred) of \(slot.bytes) bytes")
-                slot.status = .error
-            }
-            if slot.stage == .data && slot.status == .okay && slot.flushAfter {
-                slot.stage = .flush
-                submitStage(index)
-            } else if slot.stage == .data && slot.status == .okay && !slot.isWrite && !slot.data.copied.isEmpty {
-                awaitingCopyOut.append(index)
-            } else {
-                finish(index)
-            }
-        }
+        uring.reapCompletions { completed($0) }
         if !awaitingCopyOut.isEmpty {
             let refused = copyGrants(.toGuest, of: awaitingCopyOut)
             for index in awaitingCopyOut {
@@ -756,6 +733,42 @@ final class RingWorker: @unchecked Sendable {
             awaitingCopyOut.removeAll(keepingCapacity: true)
         }
         startBarrierIfDrained()
+    }
+
+    /// One finished (or withdrawn) operation of a request, or a watch that fired.
+    private func completed(_ completion: IOURing.Completion) {
+        switch completion.tag {
+        case Self.eventChannelTag, Self.wakeupTag:
+            return watchFired(completion)
+        case Self.withdrawnTag:
+            return
+        default:
+            break
+        }
+        let index = Int(completion.tag)
+        let slot = slots[index]
+        slot.outstanding -= 1
+        if completion.result < 0 {
+            if slot.status == .okay {
+                slot.status = completion.result == -EOPNOTSUPP ? .notSupported : .error
+                warn("\(slot.operation) at byte \(slot.offset) failed: \(String(cString: strerror(-completion.result)))")
+            }
+        } else if slot.stage == .data {
+            slot.transferred += UInt64(completion.result)
+        }
+        guard slot.outstanding == 0 else { return }
+        if slot.stage == .data && slot.status == .okay && slot.transferred != slot.bytes {
+            warn("short \(slot.isWrite ? "write" : "read") at byte \(slot.offset): \(slot.transferred) of \(slot.bytes) bytes")
+            slot.status = .error
+        }
+        if slot.stage == .data && slot.status == .okay && slot.flushAfter {
+            slot.stage = .flush
+            submitStage(index)
+        } else if slot.stage == .data && slot.status == .okay && !slot.isWrite && !slot.data.copied.isEmpty {
+            awaitingCopyOut.append(index)
+        } else {
+            finish(index)
+        }
     }
 
     // MARK: responses (make_response)
@@ -822,6 +835,9 @@ final class RingWorker: @unchecked Sendable {
             statistics.update { $0.persistentGrants = mapped }
         }
     }
+
+    /// Fault injection for tests (IOURing.failSubmissions).
+    func failSubmissions(_ count: Int, errno: Int32) { uring.failSubmissions(count, errno: errno) }
 
     /// Stops taking requests on this ring, once.
     private func halt(_ reason: String) {
