@@ -10,7 +10,15 @@ extension VBD {
         do {
             let reading = FrontendStateReading(node: try store.read(frontendPath + "/state"))
             if reading != frontendState {
-                logger.info("frontend \(frontendState) → \(reading) (backend \(backendState))")
+                let (allowed, suppressed) = frontendLogBudget.take(now: DispatchTime.now().uptimeNanoseconds)
+                if suppressed > 0 {
+                    logger.warning("\(suppressed) frontend state changes not logged (more than \(frontendLogBudget.limit) in 10 s)")
+                }
+                if allowed {
+                    logger.info("frontend \(frontendState) → \(reading) (backend \(backendState))")
+                } else {
+                    logger.debug("frontend \(frontendState) → \(reading) (backend \(backendState))")
+                }
                 context.events.publish(.frontendState, identity, [("state", .text(reading.description)),
                                                                  ("previous", .text(frontendState.description))])
             } else if reading.state == .closed, backendState == .initWait {

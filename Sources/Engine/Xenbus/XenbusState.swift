@@ -39,7 +39,7 @@ public enum XenbusState: Int, Sendable, CaseIterable, CustomStringConvertible {
 public enum FrontendStateReading: Equatable, Sendable, CustomStringConvertible {
     /// A number; it may lie outside the states xenbus.h defines.
     case number(Int)
-    /// Present but not a number.
+    /// Present but not a number: the text as `XenbusValue.sanitized` escapes and bounds it.
     case garbage(String)
 
     public static let unknown = FrontendStateReading.number(XenbusState.unknown.rawValue)
@@ -48,7 +48,7 @@ public enum FrontendStateReading: Equatable, Sendable, CustomStringConvertible {
     public init(node value: String?) {
         guard let value else { self = .unknown; return }
         let trimmed = value.trimmingCharacters(in: .whitespaces)
-        if let number = Int(trimmed) { self = .number(number) } else { self = .garbage(String(value.prefix(32))) }
+        if let number = Int(trimmed) { self = .number(number) } else { self = .garbage(XenbusValue.sanitized(value)) }
     }
 
     public var state: XenbusState? {

@@ -25,10 +25,19 @@ public enum XenbusValue {
         text.flatMap(unsigned).map { $0 != 0 } ?? fallback
     }
 
-    /// Guest text for a log or error node: printable ASCII, bounded.
+    /// Guest text for a log or error node: printable ASCII as it is, everything else
+    /// escaped (\xNN, \u{NNNN}; a backslash as \\), at most 64 characters of the original
+    /// ("…" marks the cut), so a hostile guest can neither forge log lines nor fill them.
     public static func sanitized(_ text: String) -> String {
-        String(String.UnicodeScalarView(text.unicodeScalars.prefix(64).map {
-            $0.isASCII && $0.value >= 0x20 && $0.value < 0x7f ? $0 : "?"
-        }))
+        var out = ""
+        for scalar in text.unicodeScalars.prefix(64) {
+            switch scalar.value {
+            case 0x5c: out += "\\\\"
+            case 0x20..<0x7f: out.unicodeScalars.append(scalar)
+            case 0..<0x80: out += "\\x" + (scalar.value < 0x10 ? "0" : "") + String(scalar.value, radix: 16)
+            default: out += "\\u{" + String(scalar.value, radix: 16) + "}"
+            }
+        }
+        return text.unicodeScalars.count > 64 ? out + "…" : out
     }
 }
