@@ -54,7 +54,7 @@ stop_child() {
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 api="http://127.0.0.1:$port"
-head -c 24 /dev/urandom | base64 | tr -d '/+=' > "$work/token"
+(umask 077; head -c 24 /dev/urandom | base64 | tr -d '/+=' > "$work/token")
 token=$(cat "$work/token")
 auth="Authorization: Bearer $token"
 

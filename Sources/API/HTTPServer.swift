@@ -115,6 +115,9 @@ public final class HTTPServer: @unchecked Sendable {
 
     deinit { stop() }
 
+    /// The GnuTLS priority string of the HTTPS listener: TLS 1.2 and 1.3 only.
+    static let tlsPriorities = "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2"
+
     /// True when this libmicrohttpd was built with HTTPS (GnuTLS) support.
     public static var supportsTLS: Bool { MHD_is_feature_supported(.FEATURE_TLS) == .YES }
 
@@ -136,9 +139,12 @@ public final class HTTPServer: @unchecked Sendable {
             }
             flags |= MHD_USE_TLS.rawValue
             let certificate = strdup(tls.certificate)!, key = strdup(tls.key)!
-            pem = [certificate, key]
+            // GnuTLS priorities: its defaults, but no protocol older than TLS 1.2.
+            let priorities = strdup(Self.tlsPriorities)!
+            pem = [certificate, key, priorities]
             options.append(MHD_OptionItem(option: .HTTPS_MEM_CERT, value: 0, ptr_value: UnsafeMutableRawPointer(certificate)))
             options.append(MHD_OptionItem(option: .HTTPS_MEM_KEY, value: 0, ptr_value: UnsafeMutableRawPointer(key)))
+            options.append(MHD_OptionItem(option: .HTTPS_PRIORITIES, value: 0, ptr_value: UnsafeMutableRawPointer(priorities)))
         }
         let address = configuration.address
         var storage = sockaddr_storage()

@@ -58,6 +58,9 @@ struct BlkbackServer: ParsableCommand {
     @Option(help: ArgumentHelp("PEM private key for HTTPS on the API; needs --tls-cert.", valueName: "pem-file"))
     var tlsKey: String?
 
+    @Flag(help: "Serve plain HTTP on a non-loopback --listen address (the bearer token then travels in clear); without it such an address needs --tls-cert/--tls-key.")
+    var insecureHttp = false
+
     @Option(help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: Logger.Level = .info
 
@@ -157,6 +160,14 @@ struct BlkbackServer: ParsableCommand {
         }
         var token: BearerToken?
         if let tokenFile {
+            var info = stat()
+            guard stat(tokenFile, &info) == 0 else {
+                fail("cannot read the token file \(tokenFile): \(String(cString: strerror(errno))); write the bearer token into it", code: 2)
+            }
+            // A secret others can read is no secret: as ssh does for its keys.
+            guard info.st_mode & 0o077 == 0, info.st_uid == getuid() || info.st_uid == 0 else {
+                fail("token file \(tokenFile) is readable by others or not ours (mode \(String(info.st_mode & 0o777, radix: 8)), owner \(info.st_uid)); chown it to this user and chmod 600 it", code: 2)
+            }
             guard let text = try? String(contentsOfFile: tokenFile, encoding: .utf8), let read = BearerToken(text) else {
                 fail("cannot read a token from \(tokenFile); write the bearer token into it", code: 2)
             }
@@ -165,7 +176,11 @@ struct BlkbackServer: ParsableCommand {
         if !address.isLoopback, token == nil {
             fail("refusing to listen on non-loopback \(address) without --token-file", code: 2)
         }
-        return Options(configuration: configuration, address: address, token: token, tls: tlsFiles())
+        let tls = tlsFiles()
+        if !address.isLoopback, tls == nil, !insecureHttp {
+            fail("refusing plain HTTP on non-loopback \(address): give --tls-cert and --tls-key, or --insecure-http to send the token in clear", code: 2)
+        }
+        return Options(configuration: configuration, address: address, token: token, tls: tls)
     }
 
     /// The PEM certificate and key of --tls-cert/--tls-key; nil for plain HTTP.

@@ -252,6 +252,10 @@ import Testing
         let tokenFile = try Harness.temporaryDirectory("api-token").appendingPathComponent("token")
         defer { try? FileManager.default.removeItem(at: tokenFile.deletingLastPathComponent()) }
         try "correct-horse-battery\n".write(to: tokenFile, atomically: true, encoding: .utf8)
+        // Readable by others: refused, as ssh refuses such a key.
+        let exposed = try Harness.run(Harness.executable("blkback-server"), ["--token-file", tokenFile.path, "--listen", "127.0.0.1:1"], timeout: 20)
+        #expect(exposed.status == 2 && exposed.stderr.contains("chmod 600"), "\(exposed.stderr)")
+        #expect(chmod(tokenFile.path, 0o600) == 0)
         let rig = try APIRig("api-token", daemonArguments: ["--token-file", tokenFile.path], attach: false)
         defer { rig.stop() }
 
@@ -278,6 +282,16 @@ import Testing
         }
         let bad = try Harness.run(Harness.executable("blkback-server"), ["--sim", sim.path, "--tls-cert", "/nonexistent"], timeout: 20)
         #expect(bad.status == 2 && bad.stderr.split(separator: "\n").count == 1, "\(bad.stderr)")
+        // With a token but without TLS: refused unless the operator accepts plain HTTP.
+        let token = sim.directory.appendingPathComponent("token").path
+        #expect(FileManager.default.createFile(atPath: token, contents: Data("secret\n".utf8), attributes: [.posixPermissions: 0o600]))
+        let plain = try Harness.run(Harness.executable("blkback-server"), ["--sim", sim.path, "--listen", "0.0.0.0:18999", "--token-file", token], timeout: 20)
+        #expect(plain.status == 2 && plain.stderr.contains("--insecure-http"), "\(plain.stderr)")
+        // --insecure-http passes that check; 192.0.2.1 (TEST-NET-1) is on no interface here,
+        // so the listen itself fails and nothing is exposed.
+        let accepted = try Harness.run(Harness.executable("blkback-server"),
+                                       ["--sim", sim.path, "--listen", "192.0.2.1:18999", "--token-file", token, "--insecure-http"], timeout: 20)
+        #expect(accepted.status == 1 && accepted.stderr.contains("cannot listen on 192.0.2.1:18999"), "\(accepted.stderr)")
     }
 
     @Test(.enabled(if: (try? Harness.which("openssl")) != nil, "openssl is needed to make a certificate"))
@@ -293,6 +307,16 @@ import Testing
         #expect(rig.daemon.output.contains("HTTP API listening on https://"))
         let health = try rig.request("GET", "/healthz", curlArguments: ["--cacert", cert])
         #expect(health.status == 200 && health.body == "{\"status\":\"ok\"}\n")
+        // A client offering only TLS 1.1 (its own floor lowered) is refused by the listener's
+        // GnuTLS priorities; TLS 1.2 is accepted.
+        func handshake(_ version: String) throws -> Harness.Result {
+            try Harness.run("openssl", ["s_client", "-connect", "127.0.0.1:\(rig.port)", "-\(version)", "-cipher", "DEFAULT:@SECLEVEL=0"],
+                            timeout: 20)
+        }
+        let old = try handshake("tls1_1")
+        #expect(old.status != 0 && old.stdout.contains("Cipher is (NONE)"), "TLS 1.1 was accepted: \(old.stdout.suffix(400))")
+        let tls12 = try handshake("tls1_2")
+        #expect(tls12.status == 0 && tls12.stdout.contains("Protocol  : TLSv1.2"), "\(tls12.stdout.suffix(400))")
         // Plain HTTP to the TLS port gets no answer.
         let plain = try Harness.run("curl", ["-sS", "--max-time", "5", "http://127.0.0.1:\(rig.port)/healthz"], timeout: 20)
         #expect(plain.status != 0 || !plain.stdout.contains("\"status\""))

@@ -117,6 +117,8 @@ final class BackgroundProcess: @unchecked Sendable {
         let out = Pipe(), err = Pipe()
         process.standardOutput = out
         process.standardError = err
+        // Children never read the test runner's stdin (openssl s_client would wait on it).
+        process.standardInput = FileHandle.nullDevice
         try process.run()
         stdout = OutputCollector(out.fileHandleForReading)
         stderr = OutputCollector(err.fileHandleForReading)
