@@ -58,6 +58,8 @@ public enum MetricsExposition {
         for (_, labels, statistics) in devices {
             sample("blkback_qos_throttled_seconds_total", labels, "\(Double(statistics.throttledNanoseconds) / 1e9)")
         }
+        family("blkback_halted_rings", "gauge", "Rings no longer served: their frontend broke the protocol or their I/O failed.")
+        for (_, labels, statistics) in devices { sample("blkback_halted_rings", labels, "\(statistics.haltedRings)") }
         family("blkback_persistent_grants", "gauge", "Guest grants kept mapped across requests (feature-persistent), over the rings.")
         for (_, labels, statistics) in devices { sample("blkback_persistent_grants", labels, "\(statistics.persistentGrants)") }
 

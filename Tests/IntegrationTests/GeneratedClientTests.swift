@@ -45,7 +45,9 @@ struct GeneratedClientTests {
         guard case .accepted(let closed) = try await client.setVBDState(path: .init(domid: 1, devid: 51712), body: .json(.init(state: .closed))) else {
             Issue.record("state closed"); return
         }
-        #expect(try closed.body.json.backendState == .closed)
+        // Closing while the guest's requests drain, then Closed.
+        #expect(try [.closing, .closed].contains(closed.body.json.backendState))
+        #expect(try eventually { try rig.backendState() == "Closed" })
         guard case .conflict(let again) = try await client.setVBDState(path: .init(domid: 1, devid: 51712), body: .json(.init(state: .closed))) else {
             Issue.record("state closed twice must be 409"); return
         }
@@ -99,6 +101,12 @@ struct GeneratedClientTests {
         let overflow = try rig.sim.xensim(["attack"], ["--domid", "1", "--devid", "51712", "--name", "ring-index-overflow"])
         #expect(overflow.status == 0, "\(overflow.stdout) \(overflow.stderr)")
         await events.expectEvent("ring-halted") { $0._type == .ringHalted && $0.reason?.contains("protocol") == true && $0.queue == 0 }
+        // The device stays Connected (until the attacker closes it), and says so: the VBD's
+        // error and the error node (stats and /metrics count it while it is connected:
+        // HaltedRingTests).
+        #expect(try eventually { (try rig.get(APIRig.vbd).json?["error"] as? String)?.contains("ring halted: queue 0") == true })
+        let node = try rig.sim.xenstore("xenstore-read", ["/local/domain/0/error/backend/vbd/1/51712/error"])
+        #expect(node.stdout.hasPrefix("71 ring halted: queue 0: frontend broke the ring protocol"), "\(node.stdout)")
         await events.stop()
     }
 

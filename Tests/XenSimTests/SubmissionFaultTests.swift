@@ -25,3 +25,23 @@ import Testing
         try guest.release(page)
     }
 }
+
+/// A ring whose frontend broke the protocol is halted, and says so to the control plane.
+@Suite(.serialized) struct HaltedRingTests {
+    @Test func aBogusRequestProducerHaltsTheRingAndIsCounted() throws {
+        let guest = try DataPathGuest(imageSectors: 64)
+        defer { guest.remove() }
+        let rings = try guest.connect()
+        let page = try guest.grantPages(1, readOnly: false)
+        #expect(try guest.roundTrip(guest.readWrite(.read, sector: 0, refs: page.refs))?.status == .okay)
+        #expect(rings.haltReason == nil && rings.statistics.haltedRings == 0)
+        // req_prod 2^31 entries past what was answered: a producer no ring can have.
+        let shared = guest.front.shared
+        shared.memory.storeBytes(of: shared.responseProducer &+ 0x8000_0000, toByteOffset: 0, as: RingIndex.self)
+        try guest.events.notify(guest.port)
+        #expect(eventually { rings.statistics.haltedRings == 1 })
+        #expect(rings.haltReason?.hasPrefix("queue 0: frontend broke the ring protocol") == true, "\(String(describing: rings.haltReason))")
+        #expect(eventually { rings.disconnect() })
+        try guest.release(page)
+    }
+}

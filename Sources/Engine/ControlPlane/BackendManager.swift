@@ -315,13 +315,15 @@ public final class BackendManager: @unchecked Sendable {
         }
     }
 
-    /// At most once a second: every connected device's store size (an online resize).
+    /// At most once a second: every connected device's store size (an online resize), and
+    /// rings the data plane stopped serving.
     private func checkSizes() {
         let now = DispatchTime.now().uptimeNanoseconds
         guard now &- lastSizeCheck >= 1_000_000_000 else { return }
         lastSizeCheck = now
         for device in devices.values where device.isServing {
             do { try device.checkSize() } catch { logger.warning("checking the size of \(device.identity): \(error)") }
+            device.reportHalt()
         }
     }
 

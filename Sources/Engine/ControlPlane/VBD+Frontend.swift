@@ -96,6 +96,7 @@ extension VBD {
         }
         rings.connection = connected
         rings.features = connected.features
+        haltReported = false
         do {
             try publishDisk(backingStore, features: connected.features)
             try switchState(.connected)
@@ -142,6 +143,23 @@ extension VBD {
             try store.write(backendPath + "/state", "\(backendState.rawValue)", transaction: transaction)
         }
         return true
+    }
+
+    /// A ring the data plane stopped serving leaves the device Connected (its other rings go
+    /// on, as Linux blkback leaves a ring it stopped), but the toolstack and the operator are
+    /// told: the error node (EPROTO and the reason) and the VBD's `error` in the API, once per
+    /// connection.
+    func reportHalt() {
+        guard !haltReported, let reason = rings.connection?.haltReason else { return }
+        haltReported = true
+        let line = "\(EPROTO) ring halted: \(reason)"
+        lastError = line
+        logger.error("\(line)")
+        do {
+            try store.write("\(context.configuration.domainPath)/error/\(nodename)/error", line)
+        } catch {
+            logger.warning("writing the error node failed: \(error)")
+        }
     }
 
     /// The `connected` event: what both ends agreed on.

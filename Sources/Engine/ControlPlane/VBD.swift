@@ -50,6 +50,8 @@ final class VBD {
     /// The QoS limits last read from the backend's keys or set by an operator.
     var qos = QoSLimits.none
     var watches: [(path: String, token: WatchToken)] = []
+    /// A halted ring of the current connection was written to the error node.
+    var haltReported = false
     /// The frontend's state changes are logged at most 20 times in 10 s.
     var frontendLogBudget = LogLineBudget(limit: 20, windowSeconds: 10)
 

@@ -286,6 +286,8 @@ final class ConnectedVBD: ConnectedRings {
         logger.info("QoS limits now \(limits.isUnlimited ? "none" : "\(limits)")")
     }
 
+    var haltReason: String? { workers.lazy.compactMap(\.haltReason).first }
+
     var statistics: VBDStatistics {
         var total = VBDStatistics()
         for worker in workers { total.add(worker.statistics.snapshot) }

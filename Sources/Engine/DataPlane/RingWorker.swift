@@ -839,10 +839,16 @@ final class RingWorker: @unchecked Sendable {
     /// Fault injection for tests (IOURing.failSubmissions).
     func failSubmissions(_ count: Int, errno: Int32) { uring.failSubmissions(count, errno: errno) }
 
+    /// Why this ring stopped being served; read by the control plane.
+    var haltReason: String? { haltedBecause.withLock { $0 } }
+    private let haltedBecause = Mutex<String?>(nil)
+
     /// Stops taking requests on this ring, once.
     private func halt(_ reason: String) {
         guard !halted else { return }
         halted = true
+        haltedBecause.withLock { $0 = "queue \(queue): \(reason)" }
+        statistics.update { $0.haltedRings = 1 }
         device.events(.ringHalted, [("queue", .number(UInt64(queue))), ("reason", .text(reason))])
     }
 

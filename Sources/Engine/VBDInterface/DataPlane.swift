@@ -96,6 +96,9 @@ public protocol ConnectedRings: AnyObject, Sendable {
     func resize(sectors: UInt64)
     /// Data-path counters since connect, summed over the rings. Safe from any thread.
     var statistics: VBDStatistics { get }
+    /// Why a ring stopped being served (the first one that did); nil while all are served.
+    /// Safe from any thread.
+    var haltReason: String? { get }
     /// Stops taking requests and releases the rings once nothing is in flight
     /// (xen_blkif_disconnect). false = requests still in flight; call again later.
     func disconnect() -> Bool

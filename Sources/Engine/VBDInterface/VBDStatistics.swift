@@ -77,6 +77,8 @@ public struct VBDStatistics: Sendable, Equatable {
     public var inflight: UInt64 = 0
     /// Grants kept mapped across requests now (feature-persistent), over all rings.
     public var persistentGrants: UInt64 = 0
+    /// Rings no longer served (their frontend broke the protocol, or their I/O failed): a gauge.
+    public var haltedRings: UInt64 = 0
     /// Requests QoS held back, and the time they spent held.
     public var delayedRequests: UInt64 = 0
     public var throttledNanoseconds: UInt64 = 0
@@ -98,6 +100,7 @@ public struct VBDStatistics: Sendable, Equatable {
         errors &+= other.errors
         inflight &+= other.inflight
         persistentGrants &+= other.persistentGrants
+        haltedRings &+= other.haltedRings
         delayedRequests &+= other.delayedRequests
         throttledNanoseconds &+= other.throttledNanoseconds
         for index in latency.indices { latency[index].add(other.latency[index]) }
