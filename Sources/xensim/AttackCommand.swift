@@ -29,6 +29,8 @@ struct AttackCommand: ParsableCommand {
     @Option(help: "The attack (see --list).") var name: String?
     @Option(help: "How long storms and floods last, in seconds.") var seconds: Double = 3
     @Option(help: "Seconds the backend may take to answer a request or change state.") var timeout: Double = 5
+    @Option(help: "Queues (rings) to ask for; the attacks use the first, event-storm all.") var queues: Int = 1
+    @Option(help: "Ring page order to ask for (0...4).") var ringPageOrder: Int = 0
     @Flag(help: "Print the attacks' names, one a line, and exit.") var list = false
     @Flag(help: "With --list: the name, a tab, and what the attack checks.") var describe = false
 
@@ -41,6 +43,9 @@ struct AttackCommand: ParsableCommand {
             throw ValidationError("no attack named '\(name)'; `xensim attack --list` names them")
         }
         guard seconds > 0, timeout > 0 else { throw ValidationError("--seconds and --timeout must be positive") }
+        guard (1...16).contains(queues), (0...4).contains(ringPageOrder) else {
+            throw ValidationError("--queues must be 1...16 and --ring-page-order 0...4")
+        }
     }
 
     func run() throws {
@@ -54,6 +59,8 @@ struct AttackCommand: ParsableCommand {
         options.kind = kind
         options.seconds = seconds
         options.answerTimeout = timeout
+        options.queues = queues
+        options.ringPageOrder = ringPageOrder
         let log: (String) -> Void = { message in
             FileHandle.standardError.write(Data("xensim attack \(name): \(message)\n".utf8))
         }

@@ -181,6 +181,10 @@ final class RingWorker: @unchecked Sendable {
     private var awaitingCopyOut: [Int] = []
     private var copySegments: [GrantCopySegment] = []
     private var lastWarning: UInt64 = 0
+    /// Frontend notifications in a row that found no request, and when the masked port is
+    /// due to be unmasked again (XSA-332).
+    private var spuriousNotifications = 0
+    private var unmaskAt: UInt64?
     private var lastErrorEvent: UInt64 = 0
     private var errorsSinceEvent: UInt64 = 0
     private var publishedPersistentGrants: UInt64 = 0
@@ -277,8 +281,12 @@ final class RingWorker: @unchecked Sendable {
             // More to take: only collect what finished. Persistent grants wake an idle ring
             // once a second, so unused ones are released after 60 s.
             let busy = canTake && moreToDo
-            let timeout: Int? = submissionBlocked ? 1 : !throttled.isEmpty ? qosWaitMilliseconds()
+            var timeout: Int? = submissionBlocked ? 1 : !throttled.isEmpty ? qosWaitMilliseconds()
                 : (grants.persistentCount > 0 ? 1000 : nil)
+            if let unmaskAt {
+                let wait = max(1, Int((unmaskAt &- min(unmaskAt, DispatchTime.now().uptimeNanoseconds) + 999_999) / 1_000_000))
+                timeout = min(timeout ?? wait, wait)
+            }
             do {
                 try uring.submitAndWait(minimum: busy ? 0 : 1, milliseconds: timeout)
                 submissionBlocked = false
@@ -299,54 +307,102 @@ final class RingWorker: @unchecked Sendable {
             }
             reapCompletions()
             admitThrottled()
-            if eventsFired { takeEvents() }
+            unmaskIfDue()
+            let notified = eventsFired && takeEvents()
             // Answers go out before new requests are queued.
             pushResponses()
-            if !stopRequested.load(ordering: .acquiring) && !halted && heldBarrier == nil && throttled.isEmpty && moreToDo {
-                takeRequests()
-            }
+            let couldTake = !stopRequested.load(ordering: .acquiring) && !halted && heldBarrier == nil && throttled.isEmpty
+            let taken = couldTake && moreToDo ? takeRequests() : 0
+            if notified { settleNotification(foundWork: taken > 0 || !couldTake) }
             pushResponses()
             purgePersistentGrants()
         }
         logger.debug("ring worker stopped")
     }
 
-    /// Drains the handle's pending ports and unmasks ours again; a later event while we work
-    /// posts another watch completion.
-    private func takeEvents() {
+    /// Drains the handle's pending ports; whether the frontend notified us. Our port stays
+    /// masked until `settleNotification` decides when to unmask it (others are unmasked
+    /// now); a later event after the unmask posts another watch completion.
+    private func takeEvents() -> Bool {
         eventsFired = false
+        var notified = false
         do {
             for port in try eventChannels.pending() {
-                try eventChannels.unmask(port)
-                if port == localPort { moreToDo = true }
+                if port == localPort {
+                    notified = true
+                    moreToDo = true
+                } else {
+                    try eventChannels.unmask(port)
+                }
             }
         } catch {
             warn("event channel: \(error)")
         }
+        return notified
+    }
+
+    /// What Linux does since XSA-332 (lateeoi): a notification that found no request is
+    /// spurious; after two in a row, the port stays masked for 1 ms, then 2, 4, ... up to
+    /// `maxSpuriousDelay`, so a guest notifying without pause costs dom0 a bounded share of
+    /// a CPU. A notification that found work unmasks at once and resets the count.
+    private func settleNotification(foundWork: Bool) {
+        spuriousNotifications = foundWork ? 0 : spuriousNotifications + 1
+        let delay = Self.spuriousDelay(afterSpurious: spuriousNotifications)
+        guard delay > 0 else { return unmaskOurPort() }
+        if spuriousNotifications == Self.spuriousWarningThreshold {
+            warn("frontend notifies without requests (\(spuriousNotifications) in a row); its event channel is now unmasked late")
+        }
+        statistics.update { $0.spuriousEvents += 1 }
+        unmaskAt = DispatchTime.now().uptimeNanoseconds + delay
+    }
+
+    static let maxSpuriousDelay: UInt64 = 64_000_000
+    static let spuriousWarningThreshold = 16
+
+    /// Nanoseconds to keep the port masked after `count` spurious notifications in a row.
+    static func spuriousDelay(afterSpurious count: Int) -> UInt64 {
+        guard count >= 2 else { return 0 }
+        return min(1_000_000 << UInt64(min(count - 2, 20)), maxSpuriousDelay)
+    }
+
+    private func unmaskIfDue() {
+        guard let unmaskAt, DispatchTime.now().uptimeNanoseconds >= unmaskAt else { return }
+        unmaskOurPort()
+    }
+
+    /// Unmasks, then looks at the ring once more: a request pushed while the port was masked
+    /// may have left no event behind, and one pushed after the unmask raises a new one.
+    private func unmaskOurPort() {
+        unmaskAt = nil
+        do { try eventChannels.unmask(localPort) } catch { warn("unmasking the event channel: \(error)") }
+        moreToDo = true
     }
 
     // MARK: taking requests (__do_block_io_op)
 
-    private func takeRequests() {
+    /// Takes what the frontend queued (up to the budget); how many requests that was.
+    @discardableResult
+    private func takeRequests() -> Int {
         var taken = 0
         defer { mapAwaitingGrants() }
         do {
             while true {
                 if try ring.unconsumedRequests() == 0 {
                     // RING_FINAL_CHECK_FOR_REQUESTS: arm req_event, then look once more.
-                    guard try ring.finalCheckForRequests() else { moreToDo = false; return }
+                    guard try ring.finalCheckForRequests() else { moreToDo = false; return taken }
                 }
                 while let request = ring.takeRequest() {
                     dispatch(request, at: ring.requestConsumer &- 1)
                     taken += 1
-                    if heldBarrier != nil { return }
-                    if taken >= Self.requestBudget { return }  // moreToDo stays true
+                    if heldBarrier != nil { return taken }
+                    if taken >= Self.requestBudget { return taken }  // moreToDo stays true
                 }
             }
         } catch {
             logger.error("frontend broke the ring protocol (\(error)); no longer serving this ring")
             halt("frontend broke the ring protocol: \(error)")
             moreToDo = false
+            return taken
         }
     }
 

@@ -77,6 +77,9 @@ public struct VBDStatistics: Sendable, Equatable {
     public var inflight: UInt64 = 0
     /// Grants kept mapped across requests now (feature-persistent), over all rings.
     public var persistentGrants: UInt64 = 0
+    /// Frontend notifications that found no request and left the event channel masked for a
+    /// while (XSA-332 backoff).
+    public var spuriousEvents: UInt64 = 0
     /// Rings no longer served (their frontend broke the protocol, or their I/O failed): a gauge.
     public var haltedRings: UInt64 = 0
     /// Requests QoS held back, and the time they spent held.
@@ -101,6 +104,7 @@ public struct VBDStatistics: Sendable, Equatable {
         inflight &+= other.inflight
         persistentGrants &+= other.persistentGrants
         haltedRings &+= other.haltedRings
+        spuriousEvents &+= other.spuriousEvents
         delayedRequests &+= other.delayedRequests
         throttledNanoseconds &+= other.throttledNanoseconds
         for index in latency.indices { latency[index].add(other.latency[index]) }

@@ -21,6 +21,9 @@ public struct AttackOptions: Sendable {
     public var answerTimeout: TimeInterval = 5
     /// How long storms and floods last.
     public var seconds: Double = 3
+    /// The rings the attacker asks for: queues and ring page order (the backend may offer less).
+    public var queues = 1
+    public var ringPageOrder = 0
 
     public init(directory: String, domid: UInt32, devid: UInt32) {
         self.directory = directory
@@ -49,6 +52,8 @@ public final class AttackSession {
         // with persistent grants the backend maps every page writable, so attacks on them
         // ask for them explicitly (GrantAttacks).
         deviceOptions.persistentGrants = false
+        deviceOptions.queues = options.queues
+        deviceOptions.ringPageOrder = options.ringPageOrder
         device = try Blockfront(store: store, directory: options.directory, domid: options.domid, devid: options.devid,
                                 kind: options.kind, options: deviceOptions)
     }
@@ -56,6 +61,9 @@ public final class AttackSession {
     var store: XenStore { device.store }
     var pages: GrantedPages { device.pages }
     var backendId: UInt32 { device.backendId }
+    /// Every ring of the device.
+    var queues: [BlockfrontQueue] { device.queues }
+
     var queue: BlockfrontQueue {
         get throws {
             guard let queue = device.queues.first else { throw FrontendFailure("the device is not connected") }

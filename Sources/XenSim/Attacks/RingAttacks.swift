@@ -152,17 +152,18 @@ extension Attack {
 
     static let eventStorm = Attack.onConnectedDevice(
         name: "event-storm",
-        summary: "XSA-332: notify the backend without pause and with no requests for --seconds; reads issued meanwhile must still be answered"
+        summary: "XSA-332: notify the backend without pause and with no requests for --seconds, on every ring; reads issued meanwhile must still be answered"
     ) { s in
-        let queue = try s.queue
         let channels = s.device.eventChannels
-        let port = queue.port
+        let ports = s.queues.map(\.port)
         let stop = StopFlag()
         let sent = SentCounter()
         let finished = startThread("event-storm") {
             while !stop.isSet {
-                for _ in 0..<256 { try? channels.notify(port) }
-                sent.add(256)
+                for port in ports {
+                    for _ in 0..<64 { try? channels.notify(port) }
+                }
+                sent.add(64 * ports.count)
             }
         }
         let data = try s.grant(1)
