@@ -134,17 +134,8 @@ public final class HTTPServer: @unchecked Sendable {
             MHD_OptionItem(option: .CONNECTION_TIMEOUT, value: configuration.connectionTimeout, ptr_value: nil),
         ]
         if let tls = configuration.tls {
-            guard Self.supportsTLS else {
-                throw HTTPServerError(description: "this libmicrohttpd has no TLS support; drop --tls-cert/--tls-key or install a build with GnuTLS")
-            }
             flags |= MHD_USE_TLS.rawValue
-            let certificate = strdup(tls.certificate)!, key = strdup(tls.key)!
-            // GnuTLS priorities: its defaults, but no protocol older than TLS 1.2.
-            let priorities = strdup(Self.tlsPriorities)!
-            pem = [certificate, key, priorities]
-            options.append(MHD_OptionItem(option: .HTTPS_MEM_CERT, value: 0, ptr_value: UnsafeMutableRawPointer(certificate)))
-            options.append(MHD_OptionItem(option: .HTTPS_MEM_KEY, value: 0, ptr_value: UnsafeMutableRawPointer(key)))
-            options.append(MHD_OptionItem(option: .HTTPS_PRIORITIES, value: 0, ptr_value: UnsafeMutableRawPointer(priorities)))
+            options += try tlsOptions(tls)
         }
         let address = configuration.address
         var storage = sockaddr_storage()
@@ -197,6 +188,21 @@ public final class HTTPServer: @unchecked Sendable {
             throw HTTPServerError(description: "cannot listen on \(address): \(reason)")
         }
         daemon = started
+    }
+
+    /// The certificate, key and GnuTLS priorities (its defaults, but no protocol older than
+    /// TLS 1.2), copied into memory that stays allocated while the daemon runs.
+    private func tlsOptions(_ tls: (certificate: String, key: String)) throws(HTTPServerError) -> [MHD_OptionItem] {
+        guard Self.supportsTLS else {
+            throw HTTPServerError(description: "this libmicrohttpd has no TLS support; drop --tls-cert/--tls-key or install a build with GnuTLS")
+        }
+        let certificate = strdup(tls.certificate)!, key = strdup(tls.key)!, priorities = strdup(Self.tlsPriorities)!
+        pem = [certificate, key, priorities]
+        return [
+            MHD_OptionItem(option: .HTTPS_MEM_CERT, value: 0, ptr_value: UnsafeMutableRawPointer(certificate)),
+            MHD_OptionItem(option: .HTTPS_MEM_KEY, value: 0, ptr_value: UnsafeMutableRawPointer(key)),
+            MHD_OptionItem(option: .HTTPS_PRIORITIES, value: 0, ptr_value: UnsafeMutableRawPointer(priorities)),
+        ]
     }
 
     /// Stops taking connections, lets requests being handled finish (up to `grace`
