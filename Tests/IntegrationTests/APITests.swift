@@ -37,7 +37,7 @@ import Testing
             return now["rd_req"]! + now["wr_req"]! > first["rd_req"]! + first["wr_req"]!
         })
         #expect(Set(first.keys) == ["rd_req", "wr_req", "f_req", "ds_req", "oo_req", "rd_sect", "wr_sect", "errors", "inflight",
-                                 "persistent_grants", "qos_delayed", "qos_throttled_ms"])
+                                 "persistent_grants", "halted_rings", "spurious_events", "qos_delayed", "qos_throttled_ms"])
 
         // Pretty on request; HEAD where GET is allowed.
         #expect(try rig.get(APIRig.vbd + "?pretty").body.contains("\n  \"domid\": 1,\n"))
