@@ -11,13 +11,23 @@ extension Client {
     /// give `watch` clients a long one.
     public static func blkback(url: URL, token: String? = nil, timeout: Duration = .seconds(60)) -> Client {
         let seconds = timeout.components.seconds
-        let transport = AsyncHTTPClientTransport(configuration: .init(client: .shared, timeout: .seconds(seconds)))
+        let transport = AsyncHTTPClientTransport(configuration: .init(client: blkbackHTTPClient, timeout: .seconds(seconds)))
         return Client(serverURL: url,
                       configuration: Configuration(dateTranscoder: .iso8601WithFractionalSeconds),
                       transport: transport,
                       middlewares: token.map { [BearerTokenMiddleware(token: $0)] } ?? [])
     }
 }
+
+/// The HTTP client every `Client.blkback` shares for the process's life (like
+/// `HTTPClient.shared`), but whose idle connections are dropped after 4 s: blkback-server
+/// closes a connection idle for 10 s, and a request sent on a connection the server is
+/// closing fails (remoteConnectionClosed) instead of being answered.
+let blkbackHTTPClient: HTTPClient = {
+    var configuration = HTTPClient.Configuration()
+    configuration.connectionPool.idleTimeout = .seconds(4)
+    return HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
+}()
 
 /// `Authorization: Bearer <token>` on every request.
 struct BearerTokenMiddleware: ClientMiddleware {

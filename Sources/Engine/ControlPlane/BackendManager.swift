@@ -231,7 +231,13 @@ public final class BackendManager: @unchecked Sendable {
         let path = configuration.backendPath(vbd)
         do {
             if let device = devices[vbd] {
-                if atDirectory, try context.store.directory(path) == nil { forget(device, .removed) }
+                if atDirectory, try context.store.directory(path) == nil {
+                    forget(device, .removed)
+                } else if try device.toolstackClosesUnconnected() {
+                    // Nothing is mapped: answer Closed now, instead of letting the toolstack
+                    // wait out its 10 s for a frontend that never connected.
+                    forget(device, .unregistered)
+                }
                 return
             }
             // Like xenbus_probe_node: only a device the toolstack set up for a backend

@@ -73,6 +73,15 @@ final class VBD {
 
     func backend(_ key: String) throws -> String? { try store.read(backendPath + "/" + key) }
 
+    /// The toolstack removes a device whose rings were never connected (online=0, and it
+    /// wrote Closing into our state): no frontend will answer it.
+    func toolstackClosesUnconnected() throws -> Bool {
+        guard rings.connection == nil, !rings.disconnectPending, backendState == .initWait || backendState == .initialising else {
+            return false
+        }
+        return try XenbusState(node: backend("state")) == .closing && !isOnline()
+    }
+
     /// The backend's `online` (0 once the toolstack wants the device gone).
     func isOnline() throws -> Bool { XenbusValue.flag(try backend("online"), default: false) }
 
