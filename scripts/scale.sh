@@ -86,6 +86,11 @@ for domid in $(seq 1 "$domains"); do
     for devid in "${devids[@]}"; do "$bin/xensim" detach --dir "$work" --domid "$domid" --devid "$devid" >/dev/null; done
 done
 until [ "$(count)" = 0 ]; do sleep 0.2; done
-sleep 2
+# Ring threads end once their rings are released, and libdispatch's idle workers a few
+# seconds later: wait for them (up to 20 s) before judging.
+for _ in $(seq 1 100); do
+    [ "$(threads)" = "$start_threads" ] && [ "$(fds)" = "$start_fds" ] && break
+    sleep 0.2
+done
 echo "  after detaching all: threads $(threads) (start $start_threads), descriptors $(fds) (start $start_fds), RSS $(rss) KiB; simulated grant-table files of mapped domains: $(simfds)"
 [ "$(threads)" = "$start_threads" ] && [ "$(fds)" = "$start_fds" ] || { echo "scale: threads or descriptors were not given back"; exit 1; }
