@@ -150,6 +150,11 @@ cat <<EOF
     curl -s -X POST -d '{"state":"closing"}' $api/v1/vbds/$domid/$devid/state
     curl -s -X POST -d '{"state":"reconnect"}' $api/v1/vbds/$domid/$devid/state
     # the guest sees the close and reconnects: tail -f $dir/guest.log
+    curl -sN $api/v1/events                           # what happens, as it happens (Ctrl-C)
+
+  Or with the operator's CLI (swift build --product blkbackctl):
+    BLKBACK_URL=$api .build/debug/blkbackctl list
+    BLKBACK_URL=$api .build/debug/blkbackctl watch
 
   Straight from xenstore (Debian's xenstore-utils):
     XENSTORED_PATH=$dir/xenstored.sock xenstore-ls $backend
