@@ -79,7 +79,7 @@ public final class HTTPServer: @unchecked Sendable {
         public var connectionLimit = 64
         public var connectionsPerClient = 32
         /// Seconds a connection may stay idle.
-        public var connectionTimeout = 10
+        public var connectionTimeout = 30
         /// Largest request body accepted; a larger one gets 413 and is never buffered.
         public var maximumBodySize = 64 * 1024
 

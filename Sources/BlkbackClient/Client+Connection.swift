@@ -21,7 +21,7 @@ extension Client {
 
 /// The HTTP client every `Client.blkback` shares for the process's life (like
 /// `HTTPClient.shared`), but whose idle connections are dropped after 4 s: blkback-server
-/// closes a connection idle for 10 s, and a request sent on a connection the server is
+/// closes a connection idle for 30 s, and a request sent on a connection the server is
 /// closing fails (remoteConnectionClosed) instead of being answered.
 let blkbackHTTPClient: HTTPClient = {
     var configuration = HTTPClient.Configuration()

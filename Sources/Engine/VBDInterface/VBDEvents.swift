@@ -1,5 +1,5 @@
+import Foundation
 import Glibc
-import Synchronization
 import Xenbus
 
 /// What happens to a VBD, as `GET /v1/events` streams it.
@@ -72,7 +72,7 @@ public final class VBDEventLog: Sendable {
         var start = 0
         var readers: [ObjectIdentifier: VBDEventSubscription] = [:]
     }
-    private let state = Mutex(State())
+    private let state = Locked(State())
 
     public init(historyCapacity: Int = 4096) {
         self.historyCapacity = max(1, historyCapacity)
@@ -164,7 +164,7 @@ public final class VBDEventSubscription: Sendable {
         var overflowed = false
         var lost: Lost?
     }
-    private let queue = Mutex(Queue())
+    private let queue = Locked(Queue())
 
     init(filter: VBDEventFilter, capacity: Int, wake: @escaping @Sendable () -> Void) {
         self.filter = filter
@@ -226,5 +226,22 @@ public struct VBDEventReporter: Sendable {
 
     public func callAsFunction(_ type: VBDEventType, _ details: [(name: String, value: VBDEventValue)] = []) {
         log?.publish(type, vbd, details)
+    }
+}
+
+/// State behind a pthread mutex (NSLock). The event log is touched by the control plane, the
+/// rings and the HTTP threads, and orders them only through this lock: ThreadSanitizer sees
+/// a pthread mutex, where Synchronization.Mutex's futex is invisible to it and every access
+/// would be reported as a race.
+private final class Locked<State>: @unchecked Sendable {
+    private let lock = NSLock()
+    private var state: State
+
+    init(_ state: State) { self.state = state }
+
+    func withLock<Result>(_ body: (inout State) throws -> Result) rethrows -> Result {
+        lock.lock()
+        defer { lock.unlock() }
+        return try body(&state)
     }
 }
