@@ -334,7 +334,9 @@ public final class BackendManager: @unchecked Sendable {
     }
 
     private func retryDisconnects() {
-        for device in devices.values where device.disconnectPending { device.retryDisconnect() }
+        for device in devices.values where device.disconnectPending {
+            if device.retryDisconnect() == .unregister { forget(device, .unregistered) }
+        }
         draining.removeAll { $0.retry() }
     }
 

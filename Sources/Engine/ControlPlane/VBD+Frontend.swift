@@ -33,30 +33,49 @@ extension VBD {
                 return .keep
             }
             frontendState = reading
-            let actions = frontendChanged(backend: backendState, frontend: reading, online: try isOnline())
-            for action in actions {
-                switch action {
-                case .switchState(.closed) where rings.disconnectPending:
-                    // Mappings remain: Closed follows once the rings are released.
-                    rings.closeWhenReleased = true
-                case .switchState(let state):
-                    try switchState(state)
-                case .disconnect:
-                    // Connecting over rings still in use would leak them (XSA-350).
-                    if !disconnect(), actions.contains(.connect) {
-                        fatal(EBUSY, "pending I/O")
-                        return .keep
-                    }
-                case .connect:
-                    connectRing()
-                case .unregister:
-                    return .unregister
-                case .fatal(let errno, let message):
-                    fatal(errno, message)
-                }
-            }
+            return try follow(frontendChanged(backend: backendState, frontend: reading, online: try isOnline()))
         } catch {
             logger.warning("handling the frontend state failed: \(error)")
+        }
+        return .keep
+    }
+
+    /// Once a deferred Closed is written (the rings are released), the frontend may have moved
+    /// on meanwhile (a guest starting over): do what its state asks of a Closed backend now.
+    func followFrontendAfterDeferredClose() -> Outcome {
+        do {
+            frontendState = FrontendStateReading(node: try store.read(frontendPath + "/state"))
+            return try follow(frontendChanged(backend: backendState, frontend: frontendState, online: try isOnline()))
+        } catch {
+            logger.warning("handling the frontend state after the close failed: \(error)")
+            return .keep
+        }
+    }
+
+    /// Carries out the state table's actions.
+    private func follow(_ actions: [FrontendChangeAction]) throws -> Outcome {
+        for action in actions {
+            switch action {
+            case .switchState(.closed) where rings.disconnectPending:
+                // Mappings remain: Closed follows once the rings are released, and then
+                // whatever the frontend asks by that time.
+                rings.closeWhenReleased = true
+                rings.followFrontendAfterClose = true
+            case .switchState(let state):
+                try switchState(state)
+            case .disconnect:
+                // Connecting over rings still in use would leak them (XSA-350).
+                if !disconnect(), actions.contains(.connect) {
+                    fatal(EBUSY, "pending I/O")
+                    return .keep
+                }
+            case .connect:
+                connectRing()
+            case .unregister:
+                return .unregister
+            case .fatal(let errno, let message):
+                fatal(errno, message)
+            }
         }
         return .keep
     }

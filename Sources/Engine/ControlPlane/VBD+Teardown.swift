@@ -21,8 +21,8 @@ extension VBD {
         return false
     }
 
-    func retryDisconnect() {
-        guard disconnect(), rings.closeWhenReleased else { return }
+    func retryDisconnect() -> Outcome {
+        guard disconnect(), rings.closeWhenReleased else { return .keep }
         rings.closeWhenReleased = false
         do {
             try switchState(.closed)
@@ -30,6 +30,9 @@ extension VBD {
         } catch {
             logger.warning("writing Closed after the rings were released failed: \(error)")
         }
+        guard rings.followFrontendAfterClose else { return .keep }
+        rings.followFrontendAfterClose = false
+        return followFrontendAfterDeferredClose()
     }
 
     /// Closed now when nothing is mapped; otherwise Closing now (the frontend stops sending)
@@ -79,6 +82,7 @@ extension VBD {
         let busy = disconnect(handingOver: reason == .handover) ? nil : rings.connection
         rings.connection = nil
         rings.closeWhenReleased = false
+        rings.followFrontendAfterClose = false
         disk.store = nil
         let afterwards: () -> Void
         switch reason {

@@ -34,6 +34,8 @@ final class VBD {
         /// Closed is owed once that disconnect succeeds: a frontend that sees Closed takes
         /// its pages back, so it must not see it while any of them is still mapped.
         var closeWhenReleased = false
+        /// After that Closed, the frontend's state is looked at again (it closed first).
+        var followFrontendAfterClose = false
         var features = BlockFeatures.none
     }
 
