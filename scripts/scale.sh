@@ -10,17 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 domains=${1:-250}
 soak=${2:-0}
-bin=${BLKBACK_BIN_DIR:-$PWD/.build/debug}
-work=$(mktemp -d /dev/shm/blkback-scale-XXXXXX)
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-    "$bin/xensim" stop --dir "$work" >/dev/null 2>&1 || true
-    rm -rf "$work"
-}
-trap cleanup EXIT INT TERM
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+. scripts/lib/sim-session.sh scale
 "$bin/xensim" run --dir "$work" --detach >/dev/null
 "$bin/blkback-server" --sim "$work" --listen "127.0.0.1:$port" --log-level warning >"$work/daemon.log" 2>&1 &
 daemon=$!

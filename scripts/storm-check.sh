@@ -10,20 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-10}
-bin=${BLKBACK_BIN_DIR:-$PWD/.build/debug}
-work=$(mktemp -d /dev/shm/blkback-storm-XXXXXX)
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-    "$bin/xensim" stop --dir "$work" >/dev/null 2>&1 || true
-    rm -rf "$work"
-}
-trap cleanup EXIT INT TERM
+. scripts/lib/sim-session.sh storm
 last=$(( $(nproc) - 1 ))
 [ "$last" -ge 1 ] || { echo "storm-check: needs 2 CPUs (the attacker gets one)" >&2; exit 2; }
 dom0="taskset -c 0-$((last - 1))"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 $dom0 "$bin/xensim" run --dir "$work" --detach >/dev/null
 $dom0 "$bin/blkback-server" --sim "$work" --listen "127.0.0.1:$port" --max-queues 4 --log-level warning >"$work/daemon.log" 2>&1 &
 daemon=$!
