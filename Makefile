@@ -1,4 +1,4 @@
-.PHONY: build test test-repeat tsan demo container-test e2e-xen
+.PHONY: build test test-repeat tsan demo container-test e2e-xen fuzz
 build:
 	swift build
 test:
@@ -17,3 +17,7 @@ container-test:
 # Real Xen under QEMU (slow: ~10 min, ~6 GiB under /var/tmp/blkback-e2e; root). Not part of `test`.
 e2e-xen:
 	XEN_E2E=1 Tests/e2e-xen/run.sh
+# libFuzzer over the parsers guests and clients reach (docs/fuzzing.md): each target for
+# FUZZ_SECONDS (default 60), or FUZZ_RUNS executions each; the corpora in Fuzz/Corpus grow.
+fuzz:
+	scripts/fuzz.sh

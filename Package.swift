@@ -18,6 +18,9 @@ let package = Package(
         .library(name: "API", targets: ["API"]),
         .library(name: "XenSim", targets: ["XenSim"]),
         .library(name: "BlkbackClient", targets: ["BlkbackClient"]),
+        // For the fuzz targets (Fuzz/Package.swift), which take the codecs apart on their own.
+        .library(name: "Blkif", targets: ["Blkif"]),
+        .library(name: "Xenbus", targets: ["Xenbus"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),

@@ -32,12 +32,57 @@ public struct HTTPResponse: Sendable {
     public var body: [UInt8]
     /// A body produced while it is sent (instead of `body`), until the stream ends.
     public var stream: (any HTTPBodyStream)?
+    /// Set by `later`: the answer is still being worked out and comes through this.
+    public private(set) var deferred: HTTPDeferredResponse?
 
     public init(status: Int, headers: [(String, String)] = [], body: [UInt8] = [], stream: (any HTTPBodyStream)? = nil) {
         self.status = status
         self.headers = headers
         self.body = body
         self.stream = stream
+    }
+
+    /// An answer that `deferred` will carry: the server parks the connection meanwhile.
+    public static func later(_ deferred: HTTPDeferredResponse) -> HTTPResponse {
+        var response = HTTPResponse(status: 0)
+        response.deferred = deferred
+        return response
+    }
+}
+
+/// An answer worked out on another thread (a command queued for the control plane). The
+/// server suspends the connection, so a request waiting for it holds none of the server's
+/// few threads, and resumes it when `complete` is called.
+public final class HTTPDeferredResponse: @unchecked Sendable {
+    private let lock = NSLock()
+    private var response: HTTPResponse?
+    private var resume: (() -> Void)?
+
+    public init() {}
+
+    /// The first answer wins; later ones are dropped.
+    public func complete(_ response: HTTPResponse) {
+        let resume: (() -> Void)? = lock.withLock {
+            guard self.response == nil else { return nil }
+            self.response = response
+            defer { self.resume = nil }
+            return self.resume
+        }
+        resume?()
+    }
+
+    /// The answer, once there is one.
+    public var completed: HTTPResponse? { lock.withLock { response } }
+
+    /// The answer if there is one; otherwise `park` runs and `resume` is kept for `complete`,
+    /// both under the lock, so an answer arriving in between is never lost.
+    fileprivate func answerOrPark(_ park: () -> Void, resume: @escaping () -> Void) -> HTTPResponse? {
+        lock.withLock {
+            if let response { return response }
+            park()
+            self.resume = resume
+            return nil
+        }
     }
 }
 
@@ -93,8 +138,9 @@ public final class HTTPServer: @unchecked Sendable {
 
     public let configuration: Configuration
     private let handler: Handler
-    /// Answers a body over the limit (the handler never sees it).
-    private let tooLarge: @Sendable (Int) -> HTTPResponse
+    /// The server's own answers (a body over the limit, a deferred answer cut short by a
+    /// stop) in the handler's format: status and one line.
+    private let errorResponse: @Sendable (Int, String) -> HTTPResponse
     private let logger: Logger
     private var daemon: OpaquePointer?
     private let lock = NSLock()
@@ -102,14 +148,16 @@ public final class HTTPServer: @unchecked Sendable {
     private var activeRequests = 0
     /// Streamed bodies being sent, ended first when the server stops.
     private var streams: [ObjectIdentifier: StreamedBody] = [:]
+    /// Parked requests waiting for their answer, answered 503 when the server stops.
+    private var parked: [ObjectIdentifier: HTTPDeferredResponse] = [:]
     /// PEM texts stay allocated while the daemon runs.
     private var pem: [UnsafeMutablePointer<CChar>] = []
 
     public init(configuration: Configuration, logger: Logger,
-                tooLarge: @escaping @Sendable (Int) -> HTTPResponse, handler: @escaping Handler) {
+                errorResponse: @escaping @Sendable (Int, String) -> HTTPResponse, handler: @escaping Handler) {
         self.configuration = configuration
         self.logger = logger
-        self.tooLarge = tooLarge
+        self.errorResponse = errorResponse
         self.handler = handler
     }
 
@@ -212,6 +260,9 @@ public final class HTTPServer: @unchecked Sendable {
         self.daemon = nil
         let listener = MHD_quiesce_daemon(daemon)
         for stream in lock.withLock({ Array(streams.values) }) { stream.end() }
+        for deferred in lock.withLock({ Array(parked.values) }) {
+            deferred.complete(errorResponse(503, "the daemon is stopping; retry once it is back"))
+        }
         let deadline = Date().addingTimeInterval(grace)
         while lock.withLock({ activeRequests }) > 0, Date() < deadline { usleep(10_000) }
         MHD_stop_daemon(daemon)
@@ -231,10 +282,13 @@ public final class HTTPServer: @unchecked Sendable {
     private final class RequestState {
         var body: [UInt8] = []
         var bodyBytes = 0
+        /// Set while the answer is worked out elsewhere.
+        var deferred: HTTPDeferredResponse?
     }
 
     /// libmicrohttpd calls this once when the headers are in, once per chunk of body, and
-    /// once more at the end of the body; the answer is queued on that last call.
+    /// once more at the end of the body; the answer is queued on that last call, or, for a
+    /// deferred answer, on the call that follows the connection's resumption.
     private func access(_ connection: OpaquePointer, url: UnsafePointer<CChar>, method: UnsafePointer<CChar>,
                         upload: UnsafePointer<CChar>?, size: UnsafeMutablePointer<Int>,
                         context: UnsafeMutablePointer<UnsafeMutableRawPointer?>) -> MHD_Result {
@@ -245,11 +299,16 @@ public final class HTTPServer: @unchecked Sendable {
             // A declared length over the limit is refused before any of the body is read.
             if let declared = Self.value(connection, .HEADER_KIND, "Content-Length").flatMap({ Int($0) }),
                declared > configuration.maximumBodySize {
-                return queue(tooLarge(configuration.maximumBodySize), on: connection)
+                return queue(bodyTooLarge, on: connection)
             }
             return .YES
         }
         let state = Unmanaged<RequestState>.fromOpaque(stored).takeUnretainedValue()
+        if let deferred = state.deferred {
+            guard let response = deferred.completed else { return .YES }
+            lock.withLock { _ = parked.removeValue(forKey: ObjectIdentifier(deferred)) }
+            return queue(response, on: connection)
+        }
         if size.pointee > 0 {
             // Chunked bodies have no declared length: count, keep only what fits.
             state.bodyBytes += size.pointee
@@ -262,17 +321,33 @@ public final class HTTPServer: @unchecked Sendable {
             return .YES
         }
         if state.bodyBytes > configuration.maximumBodySize {
-            return queue(tooLarge(configuration.maximumBodySize), on: connection)
+            return queue(bodyTooLarge, on: connection)
         }
         let request = HTTPRequest(method: String(cString: method), path: String(cString: url),
                                   query: Self.values(connection, .GET_ARGUMENT_KIND, lowercased: false),
                                   headers: Self.values(connection, .HEADER_KIND, lowercased: true), body: state.body)
         let response = handler(request)
-        logger.debug("\(request.method) \(request.path) → \(response.status)")
+        if let deferred = response.deferred { return park(deferred, state, connection) }
         return queue(response, on: connection)
     }
 
+    private var bodyTooLarge: HTTPResponse {
+        errorResponse(413, "request body larger than \(configuration.maximumBodySize) bytes")
+    }
+
+    /// Suspends the connection until `deferred` is answered (at once if it already is).
+    private func park(_ deferred: HTTPDeferredResponse, _ state: RequestState, _ connection: OpaquePointer) -> MHD_Result {
+        state.deferred = deferred
+        lock.withLock { parked[ObjectIdentifier(deferred)] = deferred }
+        let ready = deferred.answerOrPark({ MHD_suspend_connection(connection) },
+                                          resume: { MHD_resume_connection(connection) })
+        guard let ready else { return .YES }
+        lock.withLock { _ = parked.removeValue(forKey: ObjectIdentifier(deferred)) }
+        return queue(ready, on: connection)
+    }
+
     private func queue(_ response: HTTPResponse, on connection: OpaquePointer) -> MHD_Result {
+        logger.debug("answer \(response.status)")
         if let stream = response.stream { return queue(response, streaming: stream, on: connection) }
         let body = response.body
         guard let answer = body.withUnsafeBytes({ bytes in

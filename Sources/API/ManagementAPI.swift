@@ -8,8 +8,9 @@ public protocol ManagedBackend: AnyObject, Sendable {
     /// What happens to the VBDs (GET /v1/events).
     var events: VBDEventLog { get }
     func snapshots() -> [VBDSnapshot]
-    func perform(_ command: VBDCommand, on selector: VBDSelector,
-                 timeout: Double) -> Result<VBDSnapshot, VBDCommandError>
+    /// Queues a command; `answer` is called once, from any thread, within `timeout` seconds.
+    func submit(_ command: VBDCommand, on selector: VBDSelector, timeout: Double,
+                answer: @escaping @Sendable (Result<VBDSnapshot, VBDCommandError>) -> Void)
 }
 
 extension BackendManager: ManagedBackend {}
@@ -196,7 +197,7 @@ public struct ManagementAPI: Sendable {
     /// by the control plane, answered with `status` and `answer` of the VBD afterwards.
     private func command(_ domid: String, _ devid: String, _ request: HTTPRequest, pretty: Bool, status: Int,
                          emptyBodyAllowed: Bool = false, parse: (JSONValue) throws(JSONError) -> VBDCommand,
-                         answer: (VBDSnapshot) -> JSONValue) -> HTTPResponse {
+                         answer: @escaping @Sendable (VBDSnapshot) -> JSONValue) -> HTTPResponse {
         let selector: VBDSelector
         switch Self.selector(domid, devid, request) {
         case .failure(let failure): return failure.with(pretty: pretty)
@@ -208,18 +209,24 @@ public struct ManagementAPI: Sendable {
         } catch {
             return self.error(400, error.description, pretty: pretty)
         }
-        switch backend.perform(command, on: selector, timeout: Self.commandTimeout) {
-        case .success(let vbd):
-            return json(status, answer(vbd), pretty: pretty)
-        case .failure(.unknownDevice):
-            return error(404, selector.notFound, pretty: pretty)
-        case .failure(.conflict(let reason)):
-            return error(409, reason, pretty: pretty)
-        case .failure(.unavailable(let reason)):
-            var response = error(503, reason, pretty: pretty)
-            response.headers.append(("Retry-After", "1"))
-            return response
+        // The connection is parked while the control plane works: a slow command holds none
+        // of the server's threads, so /healthz and /metrics keep answering.
+        let deferred = HTTPDeferredResponse()
+        backend.submit(command, on: selector, timeout: Self.commandTimeout) { result in
+            switch result {
+            case .success(let vbd):
+                deferred.complete(Self.jsonResponse(status, answer(vbd), pretty: pretty))
+            case .failure(.unknownDevice):
+                deferred.complete(Self.errorResponse(404, selector.notFound, pretty: pretty))
+            case .failure(.conflict(let reason)):
+                deferred.complete(Self.errorResponse(409, reason, pretty: pretty))
+            case .failure(.unavailable(let reason)):
+                var response = Self.errorResponse(503, reason, pretty: pretty)
+                response.headers.append(("Retry-After", "1"))
+                deferred.complete(response)
+            }
         }
+        return .later(deferred)
     }
 
     /// The body of POST …/state: exactly `{"state": "closing" | "closed" | "reconnect"}`.

@@ -255,7 +255,7 @@ struct BlkbackServer: ParsableCommand {
         serverConfiguration.connectionLimit = maxEventStreams + 64
         raiseDescriptorLimit(to: serverConfiguration.connectionLimit + 256, logger: logger)
         let server = HTTPServer(configuration: serverConfiguration, logger: Logger(label: "blkback.api"),
-                                tooLarge: { limit in ManagementAPI.errorResponse(413, "request body larger than \(limit) bytes") },
+                                errorResponse: { status, message in ManagementAPI.errorResponse(status, message) },
                                 handler: { request in api.respond(request) })
         return Daemon(manager: manager, server: server)
     }

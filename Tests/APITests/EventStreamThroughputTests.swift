@@ -12,8 +12,9 @@ struct EventStreamThroughputTests {
         let events = VBDEventLog()
         var isWatching: Bool { true }
         func snapshots() -> [VBDSnapshot] { [] }
-        func perform(_ command: VBDCommand, on selector: VBDSelector, timeout: Double) -> Result<VBDSnapshot, VBDCommandError> {
-            .failure(.unknownDevice)
+        func submit(_ command: VBDCommand, on selector: VBDSelector, timeout: Double,
+                    answer: @escaping @Sendable (Result<VBDSnapshot, VBDCommandError>) -> Void) {
+            answer(.failure(.unknownDevice))
         }
     }
 
@@ -22,32 +23,12 @@ struct EventStreamThroughputTests {
         var configuration = EventStreams.Configuration()
         configuration.queueCapacity = 1 << 20
         let api = ManagementAPI(backend: backend, token: nil, events: configuration)
-        var server: HTTPServer?
-        var port: UInt16 = 0
-        for _ in 0..<5 where server == nil {
-            let candidate = UInt16.random(in: 20000...60000)
-            let attempt = HTTPServer(configuration: .init(address: try ListenAddress("127.0.0.1:\(candidate)")),
-                                     logger: Logger(label: "test"), tooLarge: { _ in ManagementAPI.errorResponse(413, "too large") },
-                                     handler: { api.respond($0) })
-            if (try? attempt.start()) != nil { (server, port) = (attempt, candidate) }
-        }
-        guard let server else { Issue.record("no free port"); return }
+        guard let (server, port) = try startLoopbackServer(api) else { Issue.record("no free port"); return }
         defer { server.stop() }
 
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        let fd = try LoopbackSocket.connect(port: port)
         defer { close(fd) }
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_port = port.bigEndian
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        let connected = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-        }
-        #expect(connected == 0)
-        let request = "GET /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-        #expect(write(fd, request, request.utf8.count) == request.utf8.count)
-        var timeout = timeval(tv_sec: 30, tv_usec: 0)
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        try LoopbackSocket.send(fd, "GET /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         // The stream is attached once its prelude arrives.
         var response = ChunkedResponseReader(socket: fd)
         guard response.read(until: { $0.contains("retry:") }), response.status == 200 else { Issue.record("no prelude"); return }

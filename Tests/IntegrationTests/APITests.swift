@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import XenStoreTestSupport
 
 /// The HTTP API of a running blkback-server on the simulator, through curl.
 @Suite(.serialized) struct APITests {
@@ -270,6 +271,34 @@ import Testing
         let authorized = try rig.get("/v1/vbds", headers: ["Authorization: Bearer correct-horse-battery"])
         #expect(authorized.status == 200 && authorized.body == "{\"vbds\":[]}\n")
         #expect(try rig.get("/metrics", headers: ["Authorization: Bearer correct-horse-battery"]).status == 200)
+    }
+
+    /// Slowloris from two hosts: 64 connections that send their headers a byte at a time
+    /// take no slot /healthz and /metrics need, and a host gets no more than its 32.
+    @Test func tricklingClientsLeaveHealthAndMetricsAnswering() throws {
+        let rig = try APIRig("api-trickle", attach: false)
+        defer { rig.stop() }
+        var tricklers: [Int32] = []
+        defer { for fd in tricklers { close(fd) } }
+        for index in 0..<64 {
+            let fd = try LoopbackSocket.connect(port: rig.port, source: index < 32 ? "127.0.0.2" : "127.0.0.3")
+            tricklers.append(fd)
+            try LoopbackSocket.send(fd, "GET /healthz HTTP/1.1\r\nX")
+        }
+        for _ in 0..<3 {
+            for fd in tricklers { try LoopbackSocket.send(fd, "x") }
+            #expect(try rig.get("/healthz").status == 200)
+            #expect(try rig.get("/metrics").status == 200)
+            usleep(200_000)
+        }
+        // A 33rd connection from a host that has 32 is closed unanswered.
+        let extra = try LoopbackSocket.connect(port: rig.port, source: "127.0.0.2", timeout: 10)
+        defer { close(extra) }
+        try? LoopbackSocket.send(extra, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        #expect(LoopbackSocket.readResponse(extra).status == nil)
+        // The tricklers finish their requests and are answered.
+        for fd in tricklers { try LoopbackSocket.send(fd, "-Slow: 1\r\nConnection: close\r\n\r\n") }
+        #expect(tricklers.allSatisfy { LoopbackSocket.readResponse($0).status == 200 })
     }
 
     @Test func nonLoopbackWithoutTokenIsRefused() throws {

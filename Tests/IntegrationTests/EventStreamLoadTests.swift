@@ -10,32 +10,13 @@ struct EventStreamLoadTests {
     /// A client that asks for the event stream and then reads only when told: connected from
     /// `source` (any 127.x address is loopback), with a small receive buffer when asked.
     static func openStream(port: UInt16, source: String, receiveBuffer: Int32? = nil) throws -> Int32 {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { throw HarnessError("socket: \(String(cString: strerror(errno)))") }
-        if var size = receiveBuffer { setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size)) }
-        var timeout = timeval(tv_sec: 30, tv_usec: 0)
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-        func address(_ host: String, _ port: UInt16) -> sockaddr_in {
-            var address = sockaddr_in()
-            address.sin_family = sa_family_t(AF_INET)
-            address.sin_port = port.bigEndian
-            address.sin_addr.s_addr = inet_addr(host)
-            return address
-        }
-        var local = address(source, 0), remote = address("127.0.0.1", port)
-        let connected = withUnsafePointer(to: &local) { localPointer in
-            withUnsafePointer(to: &remote) { remotePointer in
-                localPointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } == 0
-                    && remotePointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } == 0
-            }
-        }
-        guard connected else {
-            let error = String(cString: strerror(errno))
+        let fd = try LoopbackSocket.connect(port: port, source: source, receiveBuffer: receiveBuffer)
+        do {
+            try LoopbackSocket.send(fd, "GET /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n")
+        } catch {
             close(fd)
-            throw HarnessError("connect from \(source): \(error)")
+            throw error
         }
-        let request = "GET /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n"
-        guard write(fd, request, request.utf8.count) == request.utf8.count else { close(fd); throw HarnessError("write failed") }
         return fd
     }
 

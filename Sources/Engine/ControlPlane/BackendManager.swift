@@ -95,21 +95,34 @@ public final class BackendManager: @unchecked Sendable {
         }
     }
 
-    /// Carries out an operator's command on the control-plane thread and waits (at
-    /// most `timeout` seconds) for its answer: the VBD as it is right after the command.
-    /// The selector picks the VBD as the API's GET does (`VBDSelector.pick`). Safe from any thread;
-    /// never touches the data plane's threads.
-    public func perform(_ command: VBDCommand, on selector: VBDSelector,
-                        timeout: Double) -> Result<VBDSnapshot, VBDCommandError> {
-        let pending = PendingCommand(command, selector: selector)
+    /// Queues an operator's command for the control-plane thread; `answer` is called once,
+    /// from another thread, with the VBD as it is right after the command, or with a failure
+    /// (at the latest after `timeout` seconds). The selector picks the VBD as the API's GET
+    /// does (`VBDSelector.pick`). Safe from any thread; never touches the data plane's threads.
+    public func submit(_ command: VBDCommand, on selector: VBDSelector, timeout: Double,
+                       answer: @escaping @Sendable (Result<VBDSnapshot, VBDCommandError>) -> Void) {
+        let pending = PendingCommand(command, selector: selector, whenAnswered: answer)
         let accepted = lock.withLock {
             guard !stopRequested, thread != nil else { return false }
             commands.append(pending)
             return true
         }
-        guard accepted else { return .failure(.unavailable("the backend is stopping")) }
+        guard accepted else { return pending.answer(.failure(.unavailable("the backend is stopping"))) }
+        pending.expire(after: timeout)
         wakeup.signal()
-        return pending.wait(timeout: timeout)
+    }
+
+    /// `submit`, waiting for the answer.
+    public func perform(_ command: VBDCommand, on selector: VBDSelector,
+                        timeout: Double) -> Result<VBDSnapshot, VBDCommandError> {
+        let answered = DispatchSemaphore(value: 0)
+        let result = Locked<Result<VBDSnapshot, VBDCommandError>?>(nil)
+        submit(command, on: selector, timeout: timeout) { answer in
+            result.withLock { $0 = answer }
+            answered.signal()
+        }
+        answered.wait()
+        return result.withLock { $0! }
     }
 
     // MARK: event loop

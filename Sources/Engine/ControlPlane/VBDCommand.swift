@@ -85,29 +85,29 @@ public enum VBDCommandError: Error, Equatable, Sendable, CustomStringConvertible
 final class PendingCommand: @unchecked Sendable {
     let command: VBDCommand
     let selector: VBDSelector
-    private let answered = DispatchSemaphore(value: 0)
     private let lock = NSLock()
-    private var result: Result<VBDSnapshot, VBDCommandError>?
+    private var whenAnswered: (@Sendable (Result<VBDSnapshot, VBDCommandError>) -> Void)?
 
-    init(_ command: VBDCommand, selector: VBDSelector) {
+    init(_ command: VBDCommand, selector: VBDSelector,
+         whenAnswered: @escaping @Sendable (Result<VBDSnapshot, VBDCommandError>) -> Void) {
         self.command = command
         self.selector = selector
+        self.whenAnswered = whenAnswered
     }
 
     /// The first answer wins (a late one after a timeout is dropped).
     func answer(_ result: Result<VBDSnapshot, VBDCommandError>) {
         let first = lock.withLock {
-            guard self.result == nil else { return false }
-            self.result = result
-            return true
+            defer { whenAnswered = nil }
+            return whenAnswered
         }
-        if first { answered.signal() }
+        first?(result)
     }
 
-    func wait(timeout: Double) -> Result<VBDSnapshot, VBDCommandError> {
-        if answered.wait(timeout: .now() + timeout) == .timedOut {
-            answer(.failure(.unavailable("the control plane did not answer within \(Int(timeout)) s; retry")))
+    /// Answers 503 after `seconds` unless the control plane answered before.
+    func expire(after seconds: Double) {
+        DispatchQueue.global().asyncAfter(deadline: .now() + seconds) { [self] in
+            answer(.failure(.unavailable("the control plane did not answer within \(Int(seconds)) s; retry")))
         }
-        return lock.withLock { result! }
     }
 }

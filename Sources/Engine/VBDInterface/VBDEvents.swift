@@ -228,20 +228,3 @@ public struct VBDEventReporter: Sendable {
         log?.publish(type, vbd, details)
     }
 }
-
-/// State behind a pthread mutex (NSLock). The event log is touched by the control plane, the
-/// rings and the HTTP threads, and orders them only through this lock: ThreadSanitizer sees
-/// a pthread mutex, where Synchronization.Mutex's futex is invisible to it and every access
-/// would be reported as a race.
-private final class Locked<State>: @unchecked Sendable {
-    private let lock = NSLock()
-    private var state: State
-
-    init(_ state: State) { self.state = state }
-
-    func withLock<Result>(_ body: (inout State) throws -> Result) rethrows -> Result {
-        lock.lock()
-        defer { lock.unlock() }
-        return try body(&state)
-    }
-}

@@ -4,12 +4,13 @@ import Foundation
 /// xenbus boundary uses (the role of xenbus_read_unsigned) and the one sanitizer for guest
 /// text that reaches a log or an error node.
 public enum XenbusValue {
-    /// Decimal digits only (surrounding blanks allowed): stricter than sscanf("%u"), which
-    /// would take "-1" or "12abc".
+    /// Decimal digits only (surrounding ASCII blanks allowed): stricter than sscanf("%u"),
+    /// which would take "-1" or "12abc".
     public static func unsigned(_ text: String) -> UInt64? {
-        let trimmed = text.trimmingCharacters(in: .whitespaces)
-        guard !trimmed.isEmpty, trimmed.utf8.count <= 20, trimmed.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) else { return nil }
-        return UInt64(trimmed)
+        let words = text.utf8.split(whereSeparator: { $0 == 0x20 || $0 == 0x09 || $0 == 0x0a })
+        guard words.count == 1, let digits = words.first, digits.count <= 20,
+              digits.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) else { return nil }
+        return UInt64(String(decoding: digits, as: UTF8.self))
     }
 
     /// A number as it names a directory in a path (`backend/vbd/<domid>/<devid>`, the API's
