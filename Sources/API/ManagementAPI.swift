@@ -303,7 +303,7 @@ public struct ManagementAPI: Sendable {
             ("oo_req", statistics.outOfResources), ("rd_sect", statistics.readSectors),
             ("wr_sect", statistics.writeSectors), ("errors", statistics.errors), ("inflight", statistics.inflight),
             ("persistent_grants", statistics.persistentGrants), ("halted_rings", statistics.haltedRings),
-            ("spurious_events", statistics.spuriousEvents),
+            ("spurious_events", statistics.spuriousEvents), ("grant_cap_copied", statistics.grantCapCopiedPages),
             ("qos_delayed", statistics.delayedRequests), ("qos_throttled_ms", statistics.throttledNanoseconds / 1_000_000),
         ]
         return .object(counters.map { ($0.0, .integer(Int64(clamping: $0.1))) })

@@ -32,6 +32,7 @@ public enum MetricsExposition {
         Counter(name: "blkback_requests_out_of_resources_total", help: "Times a ring waited for I/O resources since connect (blkback oo_req).") { $0.outOfResources },
         Counter(name: "blkback_request_errors_total", help: "Requests answered with an error status since connect.") { $0.errors },
         Counter(name: "blkback_qos_delayed_requests_total", help: "Requests held back by the VBD's QoS limits since connect.") { $0.delayedRequests },
+        Counter(name: "blkback_grant_cap_copied_pages_total", help: "Data pages copied rather than mapped because the guest was at its grant cap (--max-grants-per-domain).") { $0.grantCapCopiedPages },
         Counter(name: "blkback_spurious_events_total", help: "Frontend notifications that found no request and left its event channel masked for a while (XSA-332).") { $0.spuriousEvents },
     ]
 

@@ -80,6 +80,11 @@ struct BlkbackServer: ParsableCommand {
     var maxPersistentGrants: Int = BackendConfiguration.defaultMaxPersistentGrants
 
     @Option(help: ArgumentHelp("""
+        Grant pages one guest may have mapped at once over all its VBDs (each takes one of         dom0's maptrack entries); more travel by grant copy (64...1048576).
+        """, valueName: "pages"))
+    var maxGrantsPerDomain: Int = BlkbackDataPlane.defaultMaxGrantsPerDomain
+
+    @Option(help: ArgumentHelp("""
         How guest pages not kept mapped by persistent grants reach the disk: auto (direct I/O; \
         grant copy where gntdev may unmap after the answer, as on real Xen), direct-copy (always \
         grant copy), buffered (dom0's page cache).
@@ -146,6 +151,9 @@ struct BlkbackServer: ParsableCommand {
             maxRingPageOrder: maxRingPageOrder, maxIndirectSegments: maxIndirectSegments,
             persistentGrants: persistentGrants, maxPersistentGrants: maxPersistentGrants)
         if let problem = configuration.validationError { fail(problem, code: 2) }
+        guard (64...1_048_576).contains(maxGrantsPerDomain) else {
+            fail("--max-grants-per-domain must be 64...1048576, got \(maxGrantsPerDomain)", code: 2)
+        }
         guard (1...65536).contains(maxEventStreams) else { fail("--max-event-streams must be 1...65536, got \(maxEventStreams)", code: 2) }
         guard (1...1_048_576).contains(eventQueue) else { fail("--event-queue must be 1...1048576, got \(eventQueue)", code: 2) }
         guard eventHeartbeat >= 0.1, eventHeartbeat <= 3600 else {
@@ -226,7 +234,7 @@ struct BlkbackServer: ParsableCommand {
             fail("cannot create the state directory \(journals): \(String(cString: strerror(errno))); choose one with --state-dir", code: 2)
         }
         let dataPlane = BlkbackDataPlane(services: services, policy: ioMode, journalDirectory: journals,
-                                         logger: Logger(label: "blkback.data"))
+                                         maxGrantsPerDomain: maxGrantsPerDomain, logger: Logger(label: "blkback.data"))
 
         let store: XenStore
         do {

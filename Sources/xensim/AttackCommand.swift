@@ -31,6 +31,7 @@ struct AttackCommand: ParsableCommand {
     @Option(help: "Seconds the backend may take to answer a request or change state.") var timeout: Double = 5
     @Option(help: "Queues (rings) to ask for; the attacks use the first, event-storm all.") var queues: Int = 1
     @Option(help: "Ring page order to ask for (0...4).") var ringPageOrder: Int = 0
+    @Option(help: "The ring ABI to write: x86_32-abi, x86_64-abi or native.") var `protocol`: String = "native"
     @Flag(help: "Print the attacks' names, one a line, and exit.") var list = false
     @Flag(help: "With --list: the name, a tab, and what the attack checks.") var describe = false
 
@@ -45,6 +46,9 @@ struct AttackCommand: ParsableCommand {
         guard seconds > 0, timeout > 0 else { throw ValidationError("--seconds and --timeout must be positive") }
         guard (1...16).contains(queues), (0...4).contains(ringPageOrder) else {
             throw ValidationError("--queues must be 1...16 and --ring-page-order 0...4")
+        }
+        guard `protocol` == "native" || BlkifProtocol(xenstoreValue: `protocol`) != nil else {
+            throw ValidationError("--protocol must be x86_32-abi, x86_64-abi or native")
         }
     }
 
@@ -61,6 +65,7 @@ struct AttackCommand: ParsableCommand {
         options.answerTimeout = timeout
         options.queues = queues
         options.ringPageOrder = ringPageOrder
+        options.protocol = BlkifProtocol(xenstoreValue: `protocol`) ?? .native
         let log: (String) -> Void = { message in
             FileHandle.standardError.write(Data("xensim attack \(name): \(message)\n".utf8))
         }

@@ -70,11 +70,12 @@ final class APIRig: @unchecked Sendable {
 
     var base: String { "\(scheme)://127.0.0.1:\(port)" }
 
-    /// Starts the guest's blkfront with a verified random read/write workload.
-    func startGuest(seconds: Int = 120) throws {
+    /// Starts the guest's blkfront with a verified random read/write workload (`extra`: more
+    /// of `xensim frontend`'s options).
+    func startGuest(seconds: Int = 120, _ extra: [String] = []) throws {
         guest = try BackgroundProcess(Harness.executable("xensim"),
                                       ["frontend", "--dir", sim.path, "--domid", "1", "--devid", "51712",
-                                       "--workload", "randrw", "--seconds", "\(seconds)", "--json"])
+                                       "--workload", "randrw", "--seconds", "\(seconds)", "--json"] + extra)
     }
 
     /// Ends the guest with SIGINT; its exit status and JSON report.

@@ -2,7 +2,8 @@ import Foundation
 import Testing
 
 /// Malicious guests against one blkback-server: every attack `xensim attack --list` names runs
-/// on domain 1 while an honest domain 2 does verified I/O throughout on a disk of its own.
+/// on domain 1 while an honest domain 2 does verified I/O throughout on a disk of its own;
+/// all of them on the native ring, on an x86_32 ring, and on 4 queues of order-2 rings.
 @Suite(.serialized) struct AttackTests {
     static let readOnlyAttack = "write-barrier-or-discard-on-read-only"
 
@@ -31,11 +32,18 @@ import Testing
         #expect(unknown.status != 0 && unknown.stderr.contains("--list"))
     }
 
-    @Test func everyAttackIsRepelledWhileAnHonestGuestKeepsVerifying() throws {
+    static let ringShapes: [[String]] = [[], ["--protocol", "x86_32-abi"], ["--queues", "4", "--ring-page-order", "2"]]
+    /// Disks of the attacker's besides its two (many-vbds connects them all).
+    static let moreAttackerDisks = 6
+
+    @Test(arguments: ringShapes)
+    func everyAttackIsRepelledWhileAnHonestGuestKeepsVerifying(shape: [String]) throws {
         let sim = try Simulator("attacks")
         defer { sim.stop() }
-        let daemon = try BackgroundProcess(Harness.executable("blkback-server"), ["--sim", sim.path, "--log-level", "info"])
-        let disks = ["attacker.img": 64 << 20, "attacker-ro.img": 16 << 20, "honest.img": 64 << 20]
+        let daemon = try BackgroundProcess(Harness.executable("blkback-server"),
+                                           ["--sim", sim.path, "--log-level", "info", "--max-queues", "4"])
+        var disks = ["attacker.img": 64 << 20, "attacker-ro.img": 16 << 20, "honest.img": 64 << 20]
+        for index in 0..<Self.moreAttackerDisks { disks["attacker-\(index).img"] = 8 << 20 }
         for (name, size) in disks {
             let path = sim.directory.appendingPathComponent(name).path
             #expect(FileManager.default.createFile(atPath: path, contents: nil))
@@ -46,8 +54,9 @@ import Testing
             let created = try sim.xensim(["domain", "create"], ["--domid", domid])
             #expect(created.status == 0, "domain create: \(created.stderr)")
         }
+        let extra = (0..<Self.moreAttackerDisks).map { ("1", "\(51744 + 16 * $0)", "attacker-\($0).img", "w") }
         for (domid, devid, file, mode) in [("1", "51712", "attacker.img", "w"), ("1", "51728", "attacker-ro.img", "r"),
-                                           ("2", "51712", "honest.img", "w")] {
+                                           ("2", "51712", "honest.img", "w")] + extra {
             let attach = try sim.xensim(["attach"], ["--domid", domid, "--devid", devid, "--target", disk(file), "--mode", mode])
             try #require(attach.status == 0, "attach \(domid)/\(devid): \(attach.stderr) daemon: \(daemon.output)")
         }
@@ -67,12 +76,13 @@ import Testing
         for attack in attacks {
             let devid = attack == Self.readOnlyAttack ? "51728" : "51712"
             let started = Date()
-            let result = try sim.xensim(["attack"], ["--domid", "1", "--devid", devid, "--name", attack, "--seconds", "2", "--timeout", "60"],
+            let result = try sim.xensim(["attack"], ["--domid", "1", "--devid", devid, "--name", attack, "--seconds", "2", "--timeout", "60"] + shape,
                                         timeout: 120)
             #expect(result.status == 0, "\(attack) exited \(result.status): \(result.stderr)")
             #expect(daemon.isRunning, "blkback-server died during \(attack): \(daemon.output.suffix(4000))")
             #expect(honest.isRunning, "the honest guest stopped during \(attack): \(honest.output.suffix(2000))")
-            print("attack \(attack): exit \(result.status) in \(String(format: "%.1f", Date().timeIntervalSince(started))) s")
+            let summary = result.stderr.split(separator: "\n").last.map { " — " + $0 } ?? ""
+            print("attack \(attack) \(shape.joined(separator: " ")): exit \(result.status)\(summary) in \(String(format: "%.1f", Date().timeIntervalSince(started))) s")
         }
 
         // The honest guest stops on SIGINT like a guest shutting down, and reports.

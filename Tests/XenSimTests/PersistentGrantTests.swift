@@ -50,8 +50,9 @@ final class CountingGrantMapper: GrantMapper, @unchecked Sendable {
         }
     }
 
-    func grants(persistent: Bool = true, capacity: Int = 1056, ringRefs: Set<UInt32> = []) -> RingGrants {
-        RingGrants(mapper: mapper, domain: domid, ringRefs: ringRefs, persistent: persistent, capacity: capacity)
+    func grants(persistent: Bool = true, capacity: Int = 1056, ringRefs: Set<UInt32> = [],
+                budget: DomainGrantBudget = DomainGrantBudget(limit: 1 << 20)) -> RingGrants {
+        RingGrants(mapper: mapper, domain: domid, budget: budget, ringRefs: ringRefs, persistent: persistent, capacity: capacity)
     }
 
     func request(_ refs: [UInt32], reading: Bool = true) -> RequestGrants {
@@ -162,7 +163,8 @@ final class CountingGrantMapper: GrantMapper, @unchecked Sendable {
 
     @Test func withCopyPagesPastTheLimitAreCopiedNotMapped() throws {
         defer { dir.remove() }
-        let cache = RingGrants(mapper: mapper, domain: domid, ringRefs: [], persistent: true, capacity: 2, copyTransient: true)
+        let cache = RingGrants(mapper: mapper, domain: domid, budget: DomainGrantBudget(limit: 1 << 20), ringRefs: [],
+                               persistent: true, capacity: 2, copyTransient: true)
         let refs = try grant(4)
         let r = request(refs)
         try cache.plan(r, now: 1)
@@ -179,6 +181,37 @@ final class CountingGrantMapper: GrantMapper, @unchecked Sendable {
         #expect(indirect.copied.isEmpty && indirect.page(0).load(as: UInt64.self) == 0xC0DE_0003)
         _ = cache.release(indirect)
         _ = cache.releaseAll()
+    }
+
+    /// One guest's rings share its grant cap: pages past it are copied, never mapped and never
+    /// refused, and the cap comes back as requests finish and persistent grants are purged.
+    @Test func pagesPastTheDomainsGrantCapAreCopiedAndTheCapComesBack() throws {
+        defer { dir.remove() }
+        let budget = DomainGrantBudget(limit: 6)
+        let ringA = grants(persistent: true, capacity: 4, budget: budget)
+        let ringB = grants(persistent: false, budget: budget)
+        let refs = try grant(10)
+
+        // Ring A: 4 persistent entries and 1 more mapped page take 5 of the 6.
+        let a = request(Array(refs[0..<5]))
+        try ringA.plan(a, now: 1)
+        ringA.mapMissing(CollectionOfOne(a))
+        #expect(a.refusal == nil && a.copied.isEmpty && a.copiedOverCap == 0)
+        #expect(budget.inUse == 5)
+        // Ring B: one page left to map; the other four are copied.
+        let b = request(Array(refs[5..<10]))
+        try ringB.plan(b, now: 1)
+        ringB.mapMissing(CollectionOfOne(b))
+        #expect(b.refusal == nil && b.copied == [1, 2, 3, 4] && b.copiedOverCap == 4)
+        #expect(budget.inUse == 6)
+        #expect(refs[5..<10].filter(mapped).count == 1, "pages past the cap are not mapped")
+
+        _ = ringB.release(b)
+        _ = ringA.release(a)
+        #expect(budget.inUse == 4, "the persistent entries keep theirs until purged")
+        _ = ringA.releaseAll()
+        #expect(budget.inUse == 0)
+        #expect(!refs.contains(where: mapped))
     }
 
     @Test func grantCopyMovesBytesAndHoldsTheGrantOnlyMeanwhile() throws {

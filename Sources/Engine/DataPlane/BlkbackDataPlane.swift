@@ -30,11 +30,18 @@ public final class BlkbackDataPlane: DataPlane {
     /// but not the host, /run/blkback-server by default.
     private let journalDirectory: String
     private let logger: Logger
+    /// Each guest's grant cap, over all its VBDs.
+    private let grantBudgets: DomainGrantBudgets
     /// This boot's /proc/sys/kernel/random/boot_id: a journal from another boot is stale.
     private let bootID: String
 
-    public init(services: HypervisorServices, policy: IOPolicy = .auto, journalDirectory: String, logger: Logger) {
+    /// The grant pages one guest may have mapped at once, over all its VBDs; more travel by grant copy.
+    public static let defaultMaxGrantsPerDomain = 16384
+
+    public init(services: HypervisorServices, policy: IOPolicy = .auto, journalDirectory: String,
+                maxGrantsPerDomain: Int = defaultMaxGrantsPerDomain, logger: Logger) {
         self.services = services
+        grantBudgets = DomainGrantBudgets(limit: maxGrantsPerDomain)
         self.policy = policy
         self.journalDirectory = journalDirectory
         self.logger = logger
@@ -61,7 +68,7 @@ public final class BlkbackDataPlane: DataPlane {
                                        sectorsPerBlock: UInt64(max(store.logicalSectorSize, 512) / 512)),
             capacity: DeviceCapacity(sectors: request.sectors ?? store.sectors), features: features, ringRefs: Set(request.rings.queues.flatMap(\.ringRefs)),
             persistentGrants: features.persistentGrants, maxPersistentGrants: request.maxPersistentGrants,
-            copyTransient: copyTransient, throttle: QoSThrottle(request.qos, now: DispatchTime.now().uptimeNanoseconds),
+            copyTransient: copyTransient, grantBudget: grantBudgets.budget(of: request.vbd.domid.rawValue), throttle: QoSThrottle(request.qos, now: DispatchTime.now().uptimeNanoseconds),
             isBlockDevice: store.isBlockDevice, events: request.events)
 
         var workers: [RingWorker] = []

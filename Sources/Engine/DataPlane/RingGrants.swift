@@ -61,6 +61,10 @@ final class RequestGrants {
     fileprivate(set) var copied: [Int] = []
     /// Persistent entries this request marked in use.
     fileprivate var held: [UInt32] = []
+    /// Pages mapped for this request alone that count against the domain's grant budget.
+    fileprivate var budgeted = 0
+    /// Pages copied because the domain was at its grant cap (for the statistics).
+    fileprivate(set) var copiedOverCap = 0
     /// The region of every page mapped for this request alone.
     fileprivate var transient: [GrantRegion] = []
     fileprivate(set) var refusal: GrantRefusal?
@@ -84,6 +88,7 @@ final class RequestGrants {
         pages.removeAll(keepingCapacity: true)
         pages.append(contentsOf: repeatElement(nil, count: refs.count))
         self.writesGuestPages = writesGuestPages
+        copiedOverCap = 0
         refusal = nil
     }
 
@@ -99,8 +104,9 @@ final class RequestGrants {
 /// The grants one ring's requests use, as Linux blkback keeps them (persistent_gnts): with
 /// persistent grants negotiated, up to `capacity` refs stay mapped across requests, purged
 /// least recently used first and after 60 s unused; everything else is mapped for one request,
-/// or copied when `copyTransient` (where an unmap may lag behind direct I/O, as with gntdev).
-/// A batch of requests misses are mapped with one call per kind of mapping. Worker-thread only.
+/// or copied when `copyTransient` (where an unmap may lag behind direct I/O, as with gntdev)
+/// or when the domain is at its grant cap (`DomainGrantBudget`). A batch of requests misses
+/// are mapped with one call per kind of mapping. Worker-thread only.
 final class RingGrants {
     /// Linux blkback's LRU_INTERVAL, LRU_PERCENT_CLEAN and xen_blkif_pgrant_timeout.
     static let purgeIntervalNanoseconds: UInt64 = 100_000_000
@@ -120,17 +126,20 @@ final class RingGrants {
     let copyTransient: Bool
     private let mapper: any GrantMapper
     private let domain: UInt32
+    /// Counts the persistent entries and the data pages mapped per request.
+    private let budget: DomainGrantBudget
     private let ringRefs: Set<UInt32>
     private var entries: [UInt32: Entry] = [:]
     private var sorted: [UInt32] = []
     private var lastPurge: UInt64 = 0
 
     /// `persistent`: the frontend and this backend agreed on feature-persistent.
-    init(mapper: any GrantMapper, domain: UInt32, ringRefs: Set<UInt32>, persistent: Bool, capacity: Int,
-         copyTransient: Bool = false) {
+    init(mapper: any GrantMapper, domain: UInt32, budget: DomainGrantBudget, ringRefs: Set<UInt32>, persistent: Bool,
+         capacity: Int, copyTransient: Bool = false) {
         self.copyTransient = copyTransient
         self.mapper = mapper
         self.domain = domain
+        self.budget = budget
         self.ringRefs = ringRefs
         self.persistent = persistent
         self.capacity = persistent ? max(capacity, 0) : 0
@@ -162,16 +171,20 @@ final class RingGrants {
                 entries[ref] = entry
                 request.held.append(ref)
                 if let region = entry.region { request.pages[index] = region.page(entry.page) }
+            } else if capacity > entries.count && budget.take() {
+                entries[ref] = Entry(region: nil, lastUse: now)
+                request.held.append(ref)
+                request.missingPersistent.append(index)
+            } else if request.copyable && copyTransient {
+                request.copied.append(index)
+            } else if !request.copyable {
+                request.missingTransient.append(index)
+            } else if budget.take() {
+                request.budgeted += 1
+                request.missingTransient.append(index)
             } else {
-                if capacity > entries.count {
-                    entries[ref] = Entry(region: nil, lastUse: now)
-                    request.held.append(ref)
-                    request.missingPersistent.append(index)
-                } else if copyTransient && request.copyable {
-                    request.copied.append(index)
-                } else {
-                    request.missingTransient.append(index)
-                }
+                request.copiedOverCap += 1
+                request.copied.append(index)
             }
         }
     }
@@ -236,6 +249,8 @@ final class RingGrants {
     /// never mapped), its other pages are unmapped. Returns unmap failures, for the log.
     func release(_ request: RequestGrants) -> [any Error] {
         releaseHeld(request)
+        budget.give(request.budgeted)
+        request.budgeted = 0
         var failures: [any Error] = []
         for region in request.transient {
             do { try region.release() } catch { failures.append(error) }
@@ -252,6 +267,7 @@ final class RingGrants {
         for ref in request.held {
             if entries[ref]?.region == nil {
                 entries[ref] = nil
+                budget.give(1)
             } else {
                 entries[ref]?.inUse = false
             }
@@ -279,6 +295,7 @@ final class RingGrants {
         var failures: [any Error] = []
         for (ref, entry) in idle where entries.count > target || expired(entry) {
             entries[ref] = nil
+            budget.give(1)
             do { try entry.region?.release() } catch { failures.append(error) }
         }
         return failures
@@ -290,6 +307,7 @@ final class RingGrants {
         for entry in entries.values {
             do { try entry.region?.release() } catch { failures.append(error) }
         }
+        budget.give(entries.count)
         entries.removeAll()
         return failures
     }

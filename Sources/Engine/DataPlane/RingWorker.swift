@@ -31,6 +31,8 @@ struct DeviceContext: Sendable {
     let maxPersistentGrants: Int
     /// Pages not kept mapped travel by grant copy through daemon memory (direct-copy).
     let copyTransient: Bool
+    /// The guest's grant cap, shared with its other VBDs.
+    let grantBudget: DomainGrantBudget
     /// The VBD's QoS limits, shared by its rings.
     let throttle: QoSThrottle
     /// Discards go to the device (BLKDISCARD) rather than punching holes in a file.
@@ -205,7 +207,7 @@ final class RingWorker: @unchecked Sendable {
         self.queue = queue
         self.localPort = localPort
         self.eventChannels = eventChannels
-        self.grants = RingGrants(mapper: grants, domain: device.domid, ringRefs: device.ringRefs,
+        self.grants = RingGrants(mapper: grants, domain: device.domid, budget: device.grantBudget, ringRefs: device.ringRefs,
                                  persistent: device.persistentGrants, capacity: device.maxPersistentGrants,
                                  copyTransient: device.copyTransient)
         self.ringMapping = ringMapping
@@ -611,6 +613,9 @@ final class RingWorker: @unchecked Sendable {
             try grants.plan(slot.data, now: slot.started)
         } catch {
             return fail(index, .error, "data pages: \(error)")
+        }
+        if slot.data.copiedOverCap > 0 {
+            statistics.update { $0.grantCapCopiedPages += UInt64(slot.data.copiedOverCap) }
         }
         awaitingGrants.append(index)
     }

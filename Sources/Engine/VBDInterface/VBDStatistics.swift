@@ -80,6 +80,8 @@ public struct VBDStatistics: Sendable, Equatable {
     /// Frontend notifications that found no request and left the event channel masked for a
     /// while (XSA-332 backoff).
     public var spuriousEvents: UInt64 = 0
+    /// Data pages copied rather than mapped because the guest was at its grant cap.
+    public var grantCapCopiedPages: UInt64 = 0
     /// Rings no longer served (their frontend broke the protocol, or their I/O failed): a gauge.
     public var haltedRings: UInt64 = 0
     /// Requests QoS held back, and the time they spent held.
@@ -105,6 +107,7 @@ public struct VBDStatistics: Sendable, Equatable {
         persistentGrants &+= other.persistentGrants
         haltedRings &+= other.haltedRings
         spuriousEvents &+= other.spuriousEvents
+        grantCapCopiedPages &+= other.grantCapCopiedPages
         delayedRequests &+= other.delayedRequests
         throttledNanoseconds &+= other.throttledNanoseconds
         for index in latency.indices { latency[index].add(other.latency[index]) }

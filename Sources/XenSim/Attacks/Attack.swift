@@ -17,6 +17,7 @@ public struct Attack: Sendable {
         unknownOperation, writeOnReadOnlyDevice, ringIndexOverflow, indirectAbuse, doubleFetch, stateFlapping,
         badRingRef, badEventChannel, eventStorm, xenstoreFlood, unmapBusy,
         duplicateGrantRefs, dataRefIsRingRef, persistentGrantOverflow, persistentFlip,
+        barrierStream, reconnectLoop, manyVBDs,
     ]
 
     public static func named(_ name: String) -> Attack? { all.first { $0.name == name } }
@@ -36,7 +37,7 @@ public struct Attack: Sendable {
     /// Connects as domain `options.domid` through `store` (its own xenstore connection) and
     /// carries the attack out.
     public func run(options: AttackOptions, store: XenStore, log: @escaping (String) -> Void) throws {
-        let session = try AttackSession(options: options, store: store, log: log)
+        let session = try AttackSession(options: options, store: store, log: log, pages: nil)
         try body(session)
     }
 }

@@ -24,6 +24,8 @@ public struct AttackOptions: Sendable {
     /// The rings the attacker asks for: queues and ring page order (the backend may offer less).
     public var queues = 1
     public var ringPageOrder = 0
+    /// The ring ABI the attacker writes (its `protocol` node).
+    public var `protocol` = BlkifProtocol.native
 
     public init(directory: String, domid: UInt32, devid: UInt32) {
         self.directory = directory
@@ -42,7 +44,8 @@ public final class AttackSession {
     /// Answers taken off the ring that nobody waited for yet, by id.
     private var answered: [UInt64: BlkifResponse] = [:]
 
-    public init(options: AttackOptions, store: XenStore, log: @escaping (String) -> Void) throws {
+    /// `pages`: those of another session of the same guest (see Blockfront).
+    init(options: AttackOptions, store: XenStore, log: @escaping (String) -> Void, pages: GrantedPages?) throws {
         self.options = options
         self.log = log
         var deviceOptions = BlockfrontOptions()
@@ -54,8 +57,9 @@ public final class AttackSession {
         deviceOptions.persistentGrants = false
         deviceOptions.queues = options.queues
         deviceOptions.ringPageOrder = options.ringPageOrder
+        deviceOptions.protocol = options.protocol
         device = try Blockfront(store: store, directory: options.directory, domid: options.domid, devid: options.devid,
-                                kind: options.kind, options: deviceOptions)
+                                kind: options.kind, options: deviceOptions, pages: pages)
     }
 
     var store: XenStore { device.store }

@@ -83,8 +83,10 @@ public final class Blockfront {
 
     /// `store` must be domain `domid`'s own connection (DIR/dom<N>.sock), so every access
     /// carries the guest's permissions.
-    public init(store: XenStore, directory: String, domid: UInt32, devid: UInt32, kind: String = "vbd",
-                options: BlockfrontOptions) throws {
+    /// `pages`: the guest's granted pages when another device of this guest in this process
+    /// has them already (a domain has one grant table; two allocators would hand out one ref twice).
+    init(store: XenStore, directory: String, domid: UInt32, devid: UInt32, kind: String = "vbd",
+         options: BlockfrontOptions, pages shared: GrantedPages?) throws {
         self.store = store
         self.domid = domid
         self.devid = devid
@@ -97,10 +99,15 @@ public final class Blockfront {
         let idText = try store.read("\(frontendPath)/backend-id") ?? "0"
         guard let id = UInt32(idText) else { throw FrontendFailure("\(frontendPath)/backend-id is '\(idText)', not a domid") }
         backendId = id
-        pages = GrantedPages(memory: try GuestMemory(directory: directory, domid: domid),
-                            grants: try GuestGrantTable(directory: directory, domid: domid))
+        pages = try shared ?? GrantedPages(memory: try GuestMemory(directory: directory, domid: domid),
+                                           grants: try GuestGrantTable(directory: directory, domid: domid))
         eventChannels = try GuestEventChannels(directory: directory, domain: domid)
         try store.watch("\(backendPath)/state", token: watchToken)
+    }
+
+    public convenience init(store: XenStore, directory: String, domid: UInt32, devid: UInt32, kind: String = "vbd",
+                            options: BlockfrontOptions) throws {
+        try self.init(store: store, directory: directory, domid: domid, devid: devid, kind: kind, options: options, pages: nil)
     }
 
     deinit {
