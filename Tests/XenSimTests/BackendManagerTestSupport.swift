@@ -128,8 +128,10 @@ final class BackendRig {
 
     /// Runs `body` against a fresh rig; everything started is stopped and removed afterwards,
     /// whatever `body` does.
+    /// `wrap`: what the manager sees of the data plane (a test's stand-in around it).
     static func run(configuration: BackendConfiguration = BackendConfiguration(),
-                    ioPolicy: BlkbackDataPlane.IOPolicy = .auto, _ body: (BackendRig) throws -> Void) throws {
+                    ioPolicy: BlkbackDataPlane.IOPolicy = .auto, wrap: (BlkbackDataPlane) -> any DataPlane = { $0 },
+                    _ body: (BackendRig) throws -> Void) throws {
         let dir = SimDirectory()
         defer { dir.remove() }
         let xen = try InProcessXen(directory: dir.path)
@@ -149,7 +151,7 @@ final class BackendRig {
         let managerStore = try openXenStore(socket: xen.layout.xenstoredSocket)
         let dataPlane = BlkbackDataPlane(services: try .simulator(directory: dir.path), policy: ioPolicy, journalDirectory: dir.path,
                                          logger: quietLogger("test.dataplane"))
-        let manager = try BackendManager(configuration: configuration, store: managerStore, dataPlane: dataPlane,
+        let manager = try BackendManager(configuration: configuration, store: managerStore, dataPlane: wrap(dataPlane),
                                          logger: quietLogger("test.control"))
         let rig = BackendRig(directory: dir.path, xen: xen, store: store, managerStore: managerStore, manager: manager,
                              diskPath: diskPath)

@@ -95,6 +95,66 @@ import XenSim
         }
     }
 
+    /// A data plane whose store preparation blocks until released: a file system slow to answer.
+    final class SlowStore: DataPlane, @unchecked Sendable {
+        let inner: BlkbackDataPlane
+        let release = DispatchSemaphore(value: 0)
+        let waiting = Locked(0)
+        init(_ inner: BlkbackDataPlane) { self.inner = inner }
+        func prepare(_ store: BackingStore) throws -> any PreparedStore {
+            waiting.withLock { $0 += 1 }
+            release.wait()
+            return try inner.prepare(store)
+        }
+        func connect(_ request: DataPlaneRequest) throws -> any ConnectedRings { try inner.connect(request) }
+    }
+
+    /// The backing store's I/O paths are tried off the control-plane thread: while one store
+    /// is slow to answer, that device waits in InitWait and the control plane goes on with
+    /// everything else (an operator's command here); a reconnect does not try them again.
+    @Test func aSlowStoreHoldsUpOnlyItsOwnConnect() throws {
+        var slow: SlowStore?
+        try BackendRig.run(wrap: { inner in
+            let wrapper = SlowStore(inner)
+            slow = wrapper
+            return wrapper
+        }) { rig in
+            let slow = try #require(slow)
+            try rig.attach()
+            // While the frontend's connect waits for the store, another thread asks the
+            // control plane for something, then lets the store answer.
+            let manager = rig.manager
+            let meanwhile = Locked<(answer: Result<VBDSnapshot, VBDCommandError>?, state: XenbusState?)>((nil, nil))
+            let administrator = Thread {
+                guard eventually(within: 60, { slow.waiting.withLock { $0 } == 1 }) else {
+                    slow.release.signal()
+                    return
+                }
+                var limits = QoSLimits()
+                limits.totalIOPS = 500
+                let answer = manager.perform(.qos(limits), on: BackendRig.selector, timeout: 5)
+                let state = manager.snapshots().first?.backendState
+                meanwhile.withLock { $0 = (answer, state) }
+                slow.release.signal()
+            }
+            administrator.start()
+            let frontend = try rig.frontend()
+            _ = try frontend.connect()
+            let (answer, state) = meanwhile.withLock { $0 }
+            #expect((try? answer?.get())?.qos.totalIOPS == 500, "\(String(describing: answer))")
+            #expect(state == .initWait)
+            #expect(try rig.backendState() == .connected)
+            _ = frontend.close()
+            #expect(rig.waitForBackendState(.closed))
+            // Offered again and connected again: the store's findings are kept.
+            #expect((try? rig.manager.perform(.state(.reconnect), on: BackendRig.selector, timeout: 5).get()) != nil)
+            _ = try frontend.connect()
+            #expect(try rig.backendState() == .connected)
+            #expect(slow.waiting.withLock { $0 } == 1)
+            _ = frontend.close()
+        }
+    }
+
     @Test func operatorCommandsChangeTheBackendState() throws {
         try BackendRig.run { rig in
             try rig.attach()

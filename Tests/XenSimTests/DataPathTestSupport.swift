@@ -50,8 +50,9 @@ final class DataPathGuest {
 
     func request(maxIndirectSegments: Int = 256, persistentGrants: Bool = false,
                  maxPersistentGrants: Int = BackendConfiguration.defaultMaxPersistentGrants) throws -> DataPlaneRequest {
-        DataPlaneRequest(vbd: VBDIdentity(kind: "vbd", domid: DomainID(rawValue: Self.domid)!, devid: 51712),
-                         backingStore: try BackingStore.open(.path(imagePath), readOnly: readOnly),
+        let store = try BackingStore.open(.path(imagePath), readOnly: readOnly)
+        return DataPlaneRequest(vbd: VBDIdentity(kind: "vbd", domid: DomainID(rawValue: Self.domid)!, devid: 51712),
+                         backingStore: store, prepared: try dataPlane.prepare(store),
                          rings: RingDescription(protocol: .x86_64, ringPageOrder: 0,
                                                 queues: [RingQueue(ringRefs: [ringRef], eventChannel: port)],
                                                 persistentGrants: persistentGrants),

@@ -41,8 +41,10 @@ public final class BackendManager: @unchecked Sendable {
 
     public init(configuration: BackendConfiguration, store: XenStore, dataPlane: (any DataPlane)?, logger: Logger,
                 events: VBDEventLog = VBDEventLog()) throws {
-        context = ControlPlaneContext(store: store, configuration: configuration, dataPlane: dataPlane, logger: logger, events: events)
-        wakeup = try WakeupPipe()
+        let wakeup = try WakeupPipe()
+        self.wakeup = wakeup
+        context = ControlPlaneContext(store: store, configuration: configuration, dataPlane: dataPlane, logger: logger,
+                                      events: events, preparations: StorePreparations(wake: { wakeup.signal() }))
     }
 
     /// Registers the backend/<kind> watches (they fire at once, even for a tree that does
@@ -143,6 +145,9 @@ public final class BackendManager: @unchecked Sendable {
             if descriptors[1].revents != 0 { wakeup.drain() }
             handle(context.store.pendingWatchEvents())
             performCommands()
+            for completion in context.preparations.completed() {
+                devices[completion.vbd]?.prepared(completion.result, generation: completion.generation)
+            }
             retryDisconnects()
             checkSizes()
             publish()

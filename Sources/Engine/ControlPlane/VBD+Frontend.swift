@@ -97,18 +97,20 @@ extension VBD {
         try RingDescription.read(limits: context.configuration.ringLimits) { key in try store.read(frontendPath + "/" + key) }
     }
 
-    /// xen_update_blkif_status: connect once both the rings and the backing store are there.
+    /// xen_update_blkif_status: connect once both the rings and the backing store are there
+    /// (and the store prepared: the first connect of a store waits for `prepared`).
     func tryConnect() {
         guard backendState != .connected, let description = rings.description, let backingStore = disk.store else { return }
-        // The size now: the store may have grown or shrunk since it was opened.
-        if let now = try? backingStore.currentSectors() { disk.sectors = now }
         guard let dataPlane = context.dataPlane else {
             logger.info("data plane not available; staying in InitWait")
             return
         }
+        guard let prepared = disk.prepared else { return prepare(backingStore, dataPlane) }
+        // The size now: the store may have grown or shrunk since it was opened.
+        if let now = try? backingStore.currentSectors() { disk.sectors = now }
         let connected: any ConnectedRings
         do {
-            connected = try dataPlane.connect(dataPlaneRequest(backingStore, description))
+            connected = try dataPlane.connect(dataPlaneRequest(backingStore, prepared, description))
         } catch {
             fatal(EIO, "mapping rings: \(error)")
             return
@@ -126,13 +128,37 @@ extension VBD {
         }
     }
 
+    /// Starts `DataPlane.prepare` off this thread, once per store; `prepared` takes it back.
+    private func prepare(_ backingStore: BackingStore, _ dataPlane: any DataPlane) {
+        guard disk.preparing == nil else { return }
+        disk.preparations += 1
+        disk.preparing = disk.preparations
+        logger.debug("trying the I/O paths of \(backingStore.path)")
+        context.preparations.start(identity, generation: disk.preparations) { try dataPlane.prepare(backingStore) }
+    }
+
+    /// The store's preparation finished: connect if the frontend still waits for it. One for
+    /// a store since replaced, or for a device since torn down, is dropped.
+    func prepared(_ result: Result<any PreparedStore, any Error>, generation: UInt64) {
+        guard disk.preparing == generation else { return }
+        disk.preparing = nil
+        switch result {
+        case .success(let prepared):
+            disk.prepared = prepared
+            tryConnect()
+        case .failure(let error):
+            fatal(EIO, "preparing the backing store: \(error)")
+        }
+    }
+
     /// What the data plane needs to serve `description`'s rings on `backingStore`, with the
     /// QoS limits the backend's qos-* keys hold now.
-    func dataPlaneRequest(_ backingStore: BackingStore, _ description: RingDescription) -> DataPlaneRequest {
+    func dataPlaneRequest(_ backingStore: BackingStore, _ prepared: any PreparedStore,
+                          _ description: RingDescription) -> DataPlaneRequest {
         let (limits, ignored) = (try? QoSLimits.read { try backend($0) }) ?? (.none, [])
         if !ignored.isEmpty { logger.warning("ignoring \(ignored.joined(separator: ", ")): not a number within its range") }
         qos = limits
-        var request = DataPlaneRequest(vbd: identity, backingStore: backingStore, rings: description,
+        var request = DataPlaneRequest(vbd: identity, backingStore: backingStore, prepared: prepared, rings: description,
                                        maxIndirectSegments: context.configuration.maxIndirectSegments,
                                        discardEnabled: XenbusValue.flag(try? backend("discard-enable"), default: true),
                                        maxPersistentGrants: context.configuration.maxPersistentGrants, qos: limits)

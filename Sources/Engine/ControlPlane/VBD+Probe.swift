@@ -55,7 +55,10 @@ extension VBD {
             guard let dataPlane = context.dataPlane else {
                 throw XenbusFailure(errno: ENODEV, message: "no data plane to take the rings over")
             }
-            var request = dataPlaneRequest(backingStore, description)
+            // On this thread: the guest's I/O waits for the takeover, and it happens once.
+            let prepared = try dataPlane.prepare(backingStore)
+            disk.prepared = prepared
+            var request = dataPlaneRequest(backingStore, prepared, description)
             request.resume = true
             let connected = try dataPlane.connect(request)
             rings.description = description

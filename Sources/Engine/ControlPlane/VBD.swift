@@ -18,7 +18,17 @@ final class VBD {
         /// nil until the backend's `mode` key was read.
         var mode: AccessMode?
         var requestedTarget = ""
-        var store: BackingStore?
+        var store: BackingStore? {
+            didSet {
+                prepared = nil
+                preparing = nil
+            }
+        }
+        /// The data plane's findings on `store` (DataPlane.prepare), kept across connects.
+        var prepared: (any PreparedStore)?
+        /// The generation of the preparation under way, if one is.
+        var preparing: UInt64?
+        var preparations: UInt64 = 0
         var info: VDiskInfo = []
         /// The size served, in 512-byte sectors: the store's at open, then its size at the
         /// last resize.

@@ -49,13 +49,22 @@ public final class BlkbackDataPlane: DataPlane {
             .trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
+    public func prepare(_ store: BackingStore) throws -> any PreparedStore {
+        let io = try IODescriptor(store: store, allowDirect: policy != .buffered)
+        let granularity = store.isBlockDevice || store.readOnly ? nil : io.holePunchGranularity()
+        return PreparedIO(io: io, holePunchGranularity: granularity)
+    }
+
     /// xen_blkif_map for every queue, then the xenblkd threads. All or nothing.
     public func connect(_ request: DataPlaneRequest) throws -> any ConnectedRings {
         var logger = self.logger
         logger[metadataKey: "vbd"] = "\(request.vbd)"
         let store = request.backingStore
-        let io = try IODescriptor(store: store, allowDirect: policy != .buffered)
-        var features = Self.features(of: store, io: io, discardEnabled: request.discardEnabled)
+        guard let prepared = request.prepared as? PreparedIO else {
+            throw DataPlaneError("the backing store was prepared by another data plane")
+        }
+        let io = prepared.io
+        var features = Self.features(of: store, prepared, discardEnabled: request.discardEnabled)
         features.persistentGrants = request.rings.persistentGrants
         // Pages that are not kept mapped are copied whenever direct I/O could outlive their unmap.
         let copyTransient = io.direct && (policy == .directCopy || !services.grants.unmapIsSynchronousAfterDirectIO)
@@ -172,7 +181,7 @@ public final class BlkbackDataPlane: DataPlane {
     /// toolstack said discard-enable=0, on a writable block device whose queue takes discards
     /// (its granularity and alignment from sysfs, as Linux blkback takes them from the queue;
     /// discard-secure when it takes secure erase) or a writable regular file whose file system punches holes.
-    static func features(of store: BackingStore, io: IODescriptor, discardEnabled: Bool) -> BlockFeatures {
+    static func features(of store: BackingStore, _ prepared: PreparedIO, discardEnabled: Bool) -> BlockFeatures {
         var features = BlockFeatures(flush: true, barrier: true)
         guard discardEnabled, !store.readOnly else { return features }
         if let limits = store.discardLimits {
@@ -180,7 +189,7 @@ public final class BlkbackDataPlane: DataPlane {
             features.discardGranularity = limits.granularity
             features.discardAlignment = limits.alignment
             features.discardSecure = store.takesSecureErase
-        } else if !store.isBlockDevice, let granularity = io.holePunchGranularity() {
+        } else if !store.isBlockDevice, let granularity = prepared.holePunchGranularity {
             features.discard = true
             features.discardGranularity = granularity
             features.discardAlignment = 0
@@ -197,6 +206,17 @@ final class DeviceCapacity: Sendable {
     var sectors: UInt64 {
         get { value.load(ordering: .acquiring) }
         set { value.store(newValue, ordering: .releasing) }
+    }
+}
+
+/// A store's I/O descriptor and whether its file system punches holes, found once.
+final class PreparedIO: PreparedStore {
+    let io: IODescriptor
+    let holePunchGranularity: UInt32?
+
+    init(io: IODescriptor, holePunchGranularity: UInt32?) {
+        self.io = io
+        self.holePunchGranularity = holePunchGranularity
     }
 }
 

@@ -27,10 +27,17 @@ public struct BlockFeatures: Equatable, Sendable {
     public static let none = BlockFeatures()
 }
 
+/// What the data plane learned of a backing store by doing I/O on it (whether it takes
+/// direct I/O, whether its file system punches holes): learned once per opened store, off the
+/// control-plane thread, and kept for every connect of the device.
+public protocol PreparedStore: AnyObject, Sendable {}
+
 /// Everything the data plane needs to serve one VBD's rings.
 public struct DataPlaneRequest: Sendable {
     public var vbd: VBDIdentity
     public var backingStore: BackingStore
+    /// `DataPlane.prepare` of `backingStore`.
+    public var prepared: any PreparedStore
     public var rings: RingDescription
     public var maxIndirectSegments: Int
     /// The backend's discard-enable (0 = the toolstack forbids discard).
@@ -47,8 +54,10 @@ public struct DataPlaneRequest: Sendable {
     /// Where the rings report a halt and error responses (the API's event stream).
     public var events: VBDEventReporter
 
-    public init(vbd: VBDIdentity, backingStore: BackingStore, rings: RingDescription, maxIndirectSegments: Int,
-                discardEnabled: Bool, maxPersistentGrants: Int, resume: Bool = false, qos: QoSLimits = .none) {
+    public init(vbd: VBDIdentity, backingStore: BackingStore, prepared: any PreparedStore, rings: RingDescription,
+                maxIndirectSegments: Int, discardEnabled: Bool, maxPersistentGrants: Int, resume: Bool = false,
+                qos: QoSLimits = .none) {
+        self.prepared = prepared
         self.resume = resume
         self.qos = qos
         self.vbd = vbd
@@ -74,8 +83,11 @@ public enum IOMode: String, Sendable, Equatable {
 }
 
 /// The data plane seen from the control plane: maps a frontend's rings and serves them.
-/// Called only from the control-plane thread.
+/// Called only from the control-plane thread, but for `prepare`.
 public protocol DataPlane: AnyObject, Sendable {
+    /// Tries the store's I/O paths. May block as long as the store's file system takes to
+    /// answer (a slow disk, a remote file system): call it from a thread of its own.
+    func prepare(_ store: BackingStore) throws -> any PreparedStore
     /// Maps the rings' grants, binds their event channels and starts serving
     /// (xen_blkif_map + the xenblkd threads). Throws with one line when any of it fails;
     /// nothing stays mapped then.
