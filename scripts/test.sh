@@ -7,6 +7,8 @@ swift build
 swift test --parallel "$@"
 # The HTTP API against openapi.yaml (schemathesis) and /metrics against the stats endpoint.
 scripts/api-conformance.sh
+# The fuzz targets still build, and every input of their corpora still passes (no fuzzing).
+FUZZ_REGRESS=1 scripts/fuzz.sh
 # Opt-in: the runtime image built with podman from host binaries, running the demo.
 if [ "${BLKBACK_CONTAINER_TEST:-0}" = 1 ]; then scripts/container-test.sh; fi
 # The real-Xen rig (minutes, root, QEMU) only on request: XEN_E2E=1 make test, or make e2e-xen.
