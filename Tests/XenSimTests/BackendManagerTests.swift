@@ -109,9 +109,10 @@ import XenSim
         func connect(_ request: DataPlaneRequest) throws -> any ConnectedRings { try inner.connect(request) }
     }
 
-    /// The backing store's I/O paths are tried off the control-plane thread: while one store
-    /// is slow to answer, that device waits in InitWait and the control plane goes on with
-    /// everything else (an operator's command here); a reconnect does not try them again.
+    /// The backing store is opened and its I/O paths tried off the control-plane thread:
+    /// while the store is slow to answer, the device is not offered yet (no InitWait) and the
+    /// control plane goes on with everything else (an operator's command here); a reconnect
+    /// does not try the store again.
     @Test func aSlowStoreHoldsUpOnlyItsOwnConnect() throws {
         var slow: SlowStore?
         try BackendRig.run(wrap: { inner in
@@ -120,9 +121,8 @@ import XenSim
             return wrapper
         }) { rig in
             let slow = try #require(slow)
-            try rig.attach()
-            // While the frontend's connect waits for the store, another thread asks the
-            // control plane for something, then lets the store answer.
+            // While the attach waits for InitWait, another thread asks the control plane for
+            // something, then lets the store answer.
             let manager = rig.manager
             let meanwhile = Locked<(answer: Result<VBDSnapshot, VBDCommandError>?, state: XenbusState?)>((nil, nil))
             let administrator = Thread {
@@ -138,11 +138,12 @@ import XenSim
                 slow.release.signal()
             }
             administrator.start()
-            let frontend = try rig.frontend()
-            _ = try frontend.connect()
+            try rig.attach()
             let (answer, state) = meanwhile.withLock { $0 }
             #expect((try? answer?.get())?.qos.totalIOPS == 500, "\(String(describing: answer))")
-            #expect(state == .initWait)
+            #expect(state == .initialising)
+            let frontend = try rig.frontend()
+            _ = try frontend.connect()
             #expect(try rig.backendState() == .connected)
             _ = frontend.close()
             #expect(rig.waitForBackendState(.closed))

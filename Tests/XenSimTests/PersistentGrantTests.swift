@@ -265,4 +265,33 @@ final class CountingGrantMapper: GrantMapper, @unchecked Sendable {
         _ = cache.purgeIfDue(now: 2 * later)
         #expect(cache.persistentCount == 0 && !refs.contains(where: mapped))
     }
+
+    /// Entries mapped by one call go together, and only once none of them is in use: gntdev
+    /// unmaps a call's range only as a whole, so a purge that took some of them would leave
+    /// every page mapped, past the cache's bound.
+    @Test func thePurgeTakesWholeMappingsSoWhatItTakesIsUnmapped() throws {
+        defer { dir.remove() }
+        let budget = DomainGrantBudget(limit: 1 << 20)
+        let cache = grants(capacity: 8, budget: budget)
+        let refs = try grant(8)
+        // Two mappings of four: one request each.
+        let first = request(Array(refs[0..<4])), second = request(Array(refs[4..<8]))
+        try cache.plan(first, now: 1)
+        cache.mapMissing(CollectionOfOne(first))
+        try cache.plan(second, now: 2)
+        cache.mapMissing(CollectionOfOne(second))
+        #expect(mapper.mapCalls == [4, 4])
+        _ = cache.release(first)
+        // Full, and 5 % of 8 is one entry: the whole least recently used idle mapping goes.
+        _ = cache.purgeIfDue(now: RingGrants.purgeIntervalNanoseconds)
+        #expect(cache.persistentCount == 4)
+        #expect(!refs[0..<4].contains(where: mapped) && refs[4..<8].allSatisfy(mapped))
+        #expect(budget.inUse == 4)
+        // The other mapping is in use: nothing of it goes, however old.
+        _ = cache.purgeIfDue(now: 2 * RingGrants.idleLimitNanoseconds)
+        #expect(cache.persistentCount == 4 && refs[4..<8].allSatisfy(mapped))
+        _ = cache.release(second)
+        _ = cache.purgeIfDue(now: 3 * RingGrants.idleLimitNanoseconds)
+        #expect(cache.persistentCount == 0 && !refs.contains(where: mapped) && budget.inUse == 0)
+    }
 }

@@ -44,7 +44,7 @@ public final class BackendManager: @unchecked Sendable {
         let wakeup = try WakeupPipe()
         self.wakeup = wakeup
         context = ControlPlaneContext(store: store, configuration: configuration, dataPlane: dataPlane, logger: logger,
-                                      events: events, preparations: StorePreparations(wake: { wakeup.signal() }))
+                                      events: events, openings: StoreOpenings(wake: { wakeup.signal() }))
     }
 
     /// Registers the backend/<kind> watches (they fire at once, even for a tree that does
@@ -145,8 +145,8 @@ public final class BackendManager: @unchecked Sendable {
             if descriptors[1].revents != 0 { wakeup.drain() }
             handle(context.store.pendingWatchEvents())
             performCommands()
-            for completion in context.preparations.completed() {
-                devices[completion.vbd]?.prepared(completion.result, generation: completion.generation)
+            for completion in context.openings.completed() {
+                devices[completion.vbd]?.opened(completion.result, ticket: completion.ticket)
             }
             retryDisconnects()
             checkSizes()

@@ -10,8 +10,8 @@ struct ControlPlaneContext {
     let logger: Logger
     /// What happens to the VBDs, for the API's event stream.
     let events: VBDEventLog
-    /// Backing-store I/O done off the control-plane thread.
-    let preparations: StorePreparations
+    /// Backing stores opened and tried off the control-plane thread.
+    let openings: StoreOpenings
 }
 
 /// The watch tokens the control plane registers; the token routes an event to its handler.

@@ -97,15 +97,13 @@ extension VBD {
         try RingDescription.read(limits: context.configuration.ringLimits) { key in try store.read(frontendPath + "/" + key) }
     }
 
-    /// xen_update_blkif_status: connect once both the rings and the backing store are there
-    /// (and the store prepared: the first connect of a store waits for `prepared`).
+    /// xen_update_blkif_status: connect once both the rings and the backing store are there.
     func tryConnect() {
         guard backendState != .connected, let description = rings.description, let backingStore = disk.store else { return }
-        guard let dataPlane = context.dataPlane else {
+        guard let dataPlane = context.dataPlane, let prepared = disk.prepared else {
             logger.info("data plane not available; staying in InitWait")
             return
         }
-        guard let prepared = disk.prepared else { return prepare(backingStore, dataPlane) }
         // The size now: the store may have grown or shrunk since it was opened.
         if let now = try? backingStore.currentSectors() { disk.sectors = now }
         let connected: any ConnectedRings
@@ -125,29 +123,6 @@ extension VBD {
         } catch {
             fatal(error, during: "publishing the disk", fallback: EIO)
             _ = disconnect()
-        }
-    }
-
-    /// Starts `DataPlane.prepare` off this thread, once per store; `prepared` takes it back.
-    private func prepare(_ backingStore: BackingStore, _ dataPlane: any DataPlane) {
-        guard disk.preparing == nil else { return }
-        disk.preparations += 1
-        disk.preparing = disk.preparations
-        logger.debug("trying the I/O paths of \(backingStore.path)")
-        context.preparations.start(identity, generation: disk.preparations) { try dataPlane.prepare(backingStore) }
-    }
-
-    /// The store's preparation finished: connect if the frontend still waits for it. One for
-    /// a store since replaced, or for a device since torn down, is dropped.
-    func prepared(_ result: Result<any PreparedStore, any Error>, generation: UInt64) {
-        guard disk.preparing == generation else { return }
-        disk.preparing = nil
-        switch result {
-        case .success(let prepared):
-            disk.prepared = prepared
-            tryConnect()
-        case .failure(let error):
-            fatal(EIO, "preparing the backing store: \(error)")
         }
     }
 

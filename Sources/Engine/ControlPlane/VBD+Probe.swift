@@ -3,6 +3,14 @@ import Glibc
 import VBDInterface
 import Xenbus
 
+/// What follows the opening of a backing store.
+enum AfterOpening {
+    /// The rest of the probe: InitWait.
+    case offer
+    /// A connect, if the frontend waits for one.
+    case connect
+}
+
 /// Probe (xen_blkbk_probe plus xenbus's talk_to_otherend) and the backing store
 /// (backend_changed).
 extension VBD {
@@ -14,22 +22,28 @@ extension VBD {
             try publishProbeFeatures()
             try watch(backendPath + "/physical-device", .physicalDevice(identity))
             disk.mode = AccessMode(xenstore: try backend("mode") ?? "")
-            // No hotplug script will write physical-device: open params now, so a missing
-            // file is reported before InitWait and the toolstack's wait fails fast.
+            // No hotplug script will write physical-device: open params now, and offer the
+            // device once it is open, so a missing file is reported before InitWait and the
+            // toolstack's wait fails fast.
             if try backend("script") == nil, try backend("physical-device") == nil, let params = try backend("params") {
                 disk.requestedTarget = params
                 let source: BackingSource
                 do { source = try BackingSource.params(params) } catch { throw Self.creatingVBD(error) }
-                guard openBackingStore(source) else { return }
+                return startOpening(source, then: .offer)
             }
-            // What the frontend says now, before the watch fires with it (see frontendStateChanged).
-            frontendState = FrontendStateReading(node: try store.read(frontendPath + "/state"))
-            try switchState(.initWait)
-            try watch(frontendPath + "/state", .frontendState(identity))
-            logger.info("probed: frontend \(frontendPath), waiting for the frontend\(disk.store == nil ? " and physical-device" : "")")
+            try offer()
         } catch {
             fatal(error, during: "probing")
         }
+    }
+
+    /// InitWait, and the frontend's state watched.
+    private func offer() throws {
+        // What the frontend says now, before the watch fires with it (see frontendStateChanged).
+        frontendState = FrontendStateReading(node: try store.read(frontendPath + "/state"))
+        try switchState(.initWait)
+        try watch(frontendPath + "/state", .frontendState(identity))
+        logger.info("probed: frontend \(frontendPath), waiting for the frontend\(disk.store == nil ? " and physical-device" : "")")
     }
 
     /// A device a previous daemon left Connected (a planned restart, or a crash): serve its
@@ -48,16 +62,15 @@ extension VBD {
                 do { source = try BackingSource.params(params) } catch { throw Self.creatingVBD(error) }
             }
             disk.requestedTarget = try backend("params") ?? ""
-            guard openBackingStore(source), let backingStore = disk.store else { return }
+            // On this thread: the guest's I/O waits for the takeover, and it happens once.
+            try adopt(try Self.open(source, readOnly: disk.mode != .write, dataPlane: context.dataPlane))
+            guard let backingStore = disk.store else { return }
             backendState = .connected
             frontendState = FrontendStateReading(node: try store.read(frontendPath + "/state"))
             let description = try readRingDescription()
-            guard let dataPlane = context.dataPlane else {
+            guard let dataPlane = context.dataPlane, let prepared = disk.prepared else {
                 throw XenbusFailure(errno: ENODEV, message: "no data plane to take the rings over")
             }
-            // On this thread: the guest's I/O waits for the takeover, and it happens once.
-            let prepared = try dataPlane.prepare(backingStore)
-            disk.prepared = prepared
             var request = dataPlaneRequest(backingStore, prepared, description)
             request.resume = true
             let connected = try dataPlane.connect(request)
@@ -121,33 +134,60 @@ extension VBD {
                 }
                 return
             }
+            guard disk.opening == nil else { return }
             guard let mode = try backend("mode") else {
                 fatal(ENOENT, "reading mode")
                 return
             }
             disk.mode = AccessMode(xenstore: mode)
             disk.requestedTarget = "physical-device \(number)"
-            guard openBackingStore(.device(number, pathHint: try backend("physical-device-path"))) else { return }
-            tryConnect()
+            startOpening(.device(number, pathHint: try backend("physical-device-path")), then: .connect)
         } catch {
             logger.warning("reading physical-device failed: \(error)")
         }
     }
 
-    /// Opens the store with the access `mode` grants; a failure is fatal for this device only.
-    private func openBackingStore(_ source: BackingSource) -> Bool {
+    /// Opens the store with the access `mode` grants, and tries its I/O paths, off this
+    /// thread; `opened` carries on with `next`.
+    private func startOpening(_ source: BackingSource, then next: AfterOpening) {
+        let readOnly = disk.mode != .write
+        let dataPlane = context.dataPlane
+        let ticket = context.openings.start(identity) { try Self.open(source, readOnly: readOnly, dataPlane: dataPlane) }
+        disk.opening = (ticket, next)
+    }
+
+    /// The opening `ticket` finished: a failure is fatal for this device only.
+    func opened(_ result: Result<OpenedStore, any Error>, ticket: UInt64) {
+        guard let opening = disk.opening, opening.ticket == ticket else { return }
+        disk.opening = nil
         do {
-            let opened: BackingStore
-            do { opened = try BackingStore.open(source, readOnly: disk.mode != .write) } catch { throw Self.creatingVBD(error) }
-            disk.store = opened
-            disk.sectors = opened.sectors
-            disk.info = try vdiskInfo(readOnly: opened.readOnly)
-            logger.info("opened \(opened.path) (\(opened.sectors) sectors of 512 bytes, sector size \(opened.logicalSectorSize), \(opened.readOnly ? "read-only" : "read-write"))")
-            return true
+            try adopt(try result.get())
         } catch {
-            fatal(error, during: "creating vbd structure", fallback: EIO)
+            return fatal(error, during: "creating vbd structure", fallback: EIO)
         }
-        return false
+        switch opening.then {
+        case .offer:
+            do { try offer() } catch { fatal(error, during: "probing") }
+        case .connect:
+            tryConnect()
+        }
+    }
+
+    /// BackingStore.open and DataPlane.prepare: I/O on the store, which may take long.
+    private static func open(_ source: BackingSource, readOnly: Bool, dataPlane: (any DataPlane)?) throws -> OpenedStore {
+        let store: BackingStore
+        do { store = try BackingStore.open(source, readOnly: readOnly) } catch { throw Self.creatingVBD(error) }
+        return OpenedStore(store: store, prepared: try dataPlane?.prepare(store))
+    }
+
+    /// The device's store from now on.
+    private func adopt(_ opened: OpenedStore) throws {
+        let store = opened.store
+        disk.store = store
+        disk.prepared = opened.prepared
+        disk.sectors = store.sectors
+        disk.info = try vdiskInfo(readOnly: store.readOnly)
+        logger.info("opened \(store.path) (\(store.sectors) sectors of 512 bytes, sector size \(store.logicalSectorSize), \(store.readOnly ? "read-only" : "read-write"))")
     }
 
     /// physical-device as the hotplug script writes it (major:minor in hex).

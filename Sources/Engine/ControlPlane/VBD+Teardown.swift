@@ -84,6 +84,8 @@ extension VBD {
         rings.closeWhenReleased = false
         rings.followFrontendAfterClose = false
         disk.store = nil
+        disk.prepared = nil
+        disk.opening = nil
         let afterwards: () -> Void
         switch reason {
         case .removed:

@@ -18,17 +18,12 @@ final class VBD {
         /// nil until the backend's `mode` key was read.
         var mode: AccessMode?
         var requestedTarget = ""
-        var store: BackingStore? {
-            didSet {
-                prepared = nil
-                preparing = nil
-            }
-        }
+        /// Set with `prepared` once opened (StoreOpenings).
+        var store: BackingStore?
         /// The data plane's findings on `store` (DataPlane.prepare), kept across connects.
         var prepared: (any PreparedStore)?
-        /// The generation of the preparation under way, if one is.
-        var preparing: UInt64?
-        var preparations: UInt64 = 0
+        /// The opening under way (its ticket) and what follows it.
+        var opening: (ticket: UInt64, then: AfterOpening)?
         var info: VDiskInfo = []
         /// The size served, in 512-byte sectors: the store's at open, then its size at the
         /// last resize.

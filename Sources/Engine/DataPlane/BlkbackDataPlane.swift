@@ -284,7 +284,7 @@ final class ConnectedVBD: ConnectedRings {
     private let io: IODescriptor
     private let logger: Logger
     /// Released once; later disconnect() calls only report true.
-    private let released = Mutex(false)
+    private let released = Locked(false)
 
     init(workers: [RingWorker], io: IODescriptor, features: BlockFeatures, ioMode: IOMode, throttle: QoSThrottle,
          capacity: DeviceCapacity, logger: Logger) {

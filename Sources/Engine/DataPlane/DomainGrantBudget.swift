@@ -1,4 +1,5 @@
 import Synchronization
+import VBDInterface
 
 /// The grant pages one guest may have mapped in this daemon at once, over all its VBDs and
 /// rings. Every mapping takes one of dom0's maptrack entries, which Xen bounds for all guests
@@ -36,7 +37,7 @@ final class DomainGrantBudget: Sendable {
 /// One budget per guest domain, shared by every ring of its VBDs.
 final class DomainGrantBudgets: Sendable {
     let limit: Int
-    private let budgets = Mutex<[UInt32: DomainGrantBudget]>([:])
+    private let budgets = Locked<[UInt32: DomainGrantBudget]>([:])
 
     init(limit: Int) { self.limit = limit }
 

@@ -36,12 +36,12 @@ final class QoSThrottle: Sendable {
         var refilled: UInt64 = 0
     }
 
-    private let state: Mutex<State>
+    private let state: Locked<State>
     /// Whether any limit is set: the unlimited path takes no lock.
     private let active = Atomic<Bool>(false)
 
     init(_ limits: QoSLimits, now: UInt64) {
-        state = Mutex(State())
+        state = Locked(State())
         update(limits, now: now)
     }
 

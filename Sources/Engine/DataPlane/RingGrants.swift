@@ -282,21 +282,36 @@ final class RingGrants {
 
     /// At most every 100 ms: unmaps idle entries unused for 60 s and, when the cache is full,
     /// the least recently used idle 5 % (so a working set larger than the cache still finds
-    /// room over time without every request thrashing it). Returns unmap failures.
+    /// room over time without every request thrashing it). gntdev unmaps what one call mapped
+    /// only as a whole, so entries go a mapping at a time, and only a mapping none of whose
+    /// entries is in use: what the purge takes is really unmapped, and the domain's grant cap
+    /// gets it back. Returns unmap failures.
     func purgeIfDue(now: UInt64) -> [any Error] {
         guard !entries.isEmpty, now &- lastPurge >= Self.purgeIntervalNanoseconds else { return [] }
         lastPurge = now
-        let full = entries.count >= capacity
         // Saturating: a clock read within 60 s of boot expires nothing.
-        let expired = { (entry: Entry) in now - min(entry.lastUse, now) >= Self.idleLimitNanoseconds }
-        guard full || entries.values.contains(where: { !$0.inUse && expired($0) }) else { return [] }
-        let idle = entries.filter { !$0.value.inUse && $0.value.region != nil }.sorted { $0.value.lastUse < $1.value.lastUse }
+        let expired = { (lastUse: UInt64) in now - min(lastUse, now) >= Self.idleLimitNanoseconds }
+        var mappings: [ObjectIdentifier: (region: GrantRegion, refs: [UInt32], lastUse: UInt64, busy: Bool)] = [:]
+        for (ref, entry) in entries {
+            // An entry without a region is reserved by a request whose batch is not mapped yet.
+            guard let region = entry.region else { continue }
+            var mapping = mappings[ObjectIdentifier(region)] ?? (region, [], 0, false)
+            mapping.refs.append(ref)
+            mapping.lastUse = max(mapping.lastUse, entry.lastUse)
+            mapping.busy = mapping.busy || entry.inUse
+            mappings[ObjectIdentifier(region)] = mapping
+        }
+        let full = entries.count >= capacity
+        let idle = mappings.values.filter { !$0.busy }.sorted { $0.lastUse < $1.lastUse }
+        guard full || idle.contains(where: { expired($0.lastUse) }) else { return [] }
         let target = full ? capacity - max(1, capacity * Self.purgePercent / 100) : entries.count
         var failures: [any Error] = []
-        for (ref, entry) in idle where entries.count > target || expired(entry) {
-            entries[ref] = nil
-            budget.give(1)
-            do { try entry.region?.release() } catch { failures.append(error) }
+        for mapping in idle where entries.count > target || expired(mapping.lastUse) {
+            for ref in mapping.refs {
+                entries[ref] = nil
+                do { try mapping.region.release() } catch { failures.append(error) }
+            }
+            budget.give(mapping.refs.count)
         }
         return failures
     }

@@ -4,7 +4,7 @@ import VBDInterface
 /// One ring's counters: written by its worker thread, read by anyone. An uncontended lock
 /// per update costs about as much as an atomic increment and keeps a snapshot consistent.
 final class RingStatistics: Sendable {
-    private let values = Mutex(VBDStatistics())
+    private let values = Locked(VBDStatistics())
 
     func update(_ body: (inout VBDStatistics) -> Void) { values.withLock { body(&$0) } }
 

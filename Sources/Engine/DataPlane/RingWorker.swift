@@ -902,7 +902,7 @@ final class RingWorker: @unchecked Sendable {
 
     /// Why this ring stopped being served; read by the control plane.
     var haltReason: String? { haltedBecause.withLock { $0 } }
-    private let haltedBecause = Mutex<String?>(nil)
+    private let haltedBecause = Locked<String?>(nil)
 
     /// Stops taking requests on this ring, once.
     private func halt(_ reason: String) {
