@@ -4,7 +4,8 @@
 #   scripts/fuzz.sh                 every target for FUZZ_SECONDS (default 60) each
 #   scripts/fuzz.sh FuzzBlkifRing   one target
 #   FUZZ_RUNS=10000000 scripts/fuzz.sh   a number of executions instead of a time
-#   FUZZ_REGRESS=1 scripts/fuzz.sh  only replay the corpora (what CI runs)
+#   FUZZ_REGRESS=1 scripts/fuzz.sh  only replay the corpora (what the test command runs)
+#   FUZZ_SCRATCH=.build-2 ...       another build directory (a second run beside a running one)
 # Prints one line per target: executions, executions/s, corpus size, crashes (a crash stops
 # the run; libFuzzer leaves the input as Fuzz/crash-*).
 set -euo pipefail
@@ -12,10 +13,14 @@ cd "$(dirname "$0")/../Fuzz"
 TARGETS=(FuzzBlkifRing FuzzXenbusValues FuzzXenstoredWire FuzzManagementAPI)
 [[ $# -gt 0 ]] && TARGETS=("$@")
 
-swift build -c release --scratch-path .build \
+scratch=${FUZZ_SCRATCH:-.build}
+# SwiftPM keeps the parent package's file lists in the build plan: drop it, so files added
+# to the daemon since the last fuzz build are seen (the objects stay; the build is incremental).
+rm -f "$scratch/release.yaml" "$scratch/release/description.json" "$scratch/build.db"
+swift build -c release --scratch-path "$scratch" \
     -Xswiftc -sanitize=fuzzer,address -Xswiftc -parse-as-library \
     -Xswiftc -use-ld=lld 2>&1 | grep -Ev "warning: Cannot export local symbol" >&2
-BIN=$(swift build -c release --scratch-path .build --show-bin-path)
+BIN=$(swift build -c release --scratch-path "$scratch" --show-bin-path)
 
 for target in "${TARGETS[@]}"; do
     corpus=Corpus/$target

@@ -61,7 +61,11 @@ echo "  4 guests verified 16 MiB each beside the idle ones: $failed failed; RSS 
 if [ "$soak" -gt 0 ]; then
     soak_start_rss=$(rss)
     deadline=$((SECONDS + soak)); rounds=0
+    # RSS every tenth of the soak: growth that levels off is the allocator warming up, growth
+    # that keeps its pace is a leak.
+    samples=(); next_sample=$((SECONDS + soak / 10))
     while [ $SECONDS -lt $deadline ]; do
+        if [ $SECONDS -ge $next_sample ]; then samples+=("$(rss)"); next_sample=$((next_sample + soak / 10)); fi
         domid=$(( RANDOM % domains + 1 )); devid=${devids[$(( RANDOM % 4 ))]}
         "$bin/xensim" detach --dir "$work" --domid "$domid" --devid "$devid" >/dev/null
         attach "$domid" "$devid"
@@ -70,6 +74,7 @@ if [ "$soak" -gt 0 ]; then
         rounds=$((rounds + 1))
     done
     echo "  soak: $rounds detach/attach/verify rounds in $soak s; RSS $soak_start_rss → $(rss) KiB ($(python3 -c "print(f'{($(rss) - $soak_start_rss) * 100 / $soak_start_rss:+.1f}')") %)"
+    echo "  soak RSS every $((soak / 10)) s (KiB): ${samples[*]} $(rss)"
 fi
 
 for domid in $(seq 1 "$domains"); do
