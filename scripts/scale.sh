@@ -87,5 +87,6 @@ for _ in $(seq 1 100); do
     [ "$(threads)" = "$start_threads" ] && [ "$(fds)" = "$start_fds" ] && break
     sleep 0.2
 done
-echo "  after detaching all: threads $(threads) (start $start_threads), descriptors $(fds) (start $start_fds), RSS $(rss) KiB; simulated grant-table files of mapped domains: $(simfds)"
-[ "$(threads)" = "$start_threads" ] && [ "$(fds)" = "$start_fds" ] || { echo "scale: threads or descriptors were not given back"; exit 1; }
+end_threads=$(threads); end_fds=$(fds)
+echo "  after detaching all: threads $end_threads (start $start_threads), descriptors $end_fds (start $start_fds), RSS $(rss) KiB; simulated grant-table files of mapped domains: $(simfds)"
+[ "$end_threads" = "$start_threads" ] && [ "$end_fds" = "$start_fds" ] || { echo "scale: threads or descriptors were not given back"; exit 1; }
