@@ -38,62 +38,69 @@ public enum MetricsExposition {
 
     public static func render(_ snapshots: [VBDSnapshot]) -> String {
         var text = ""
+        text.reserveCapacity(4096 + snapshots.count * 12288)
         func family(_ name: String, _ type: String, _ help: String) {
             text += "# HELP \(name) \(escapeHelp(help))\n# TYPE \(name) \(type)\n"
         }
-        func sample(_ name: String, _ labels: [(String, String)], _ value: String) {
+        /// `labels` is rendered already: `name="value"` pairs, escaped, comma-separated.
+        func sample(_ name: String, _ labels: String, _ value: String) {
             text += name
-            if !labels.isEmpty {
-                text += "{" + labels.map { "\($0.0)=\"\(escapeLabel($0.1))\"" }.joined(separator: ",") + "}"
-            }
-            text += " \(value)\n"
+            text += "{"
+            text += labels
+            text += "} "
+            text += value
+            text += "\n"
         }
+        // A VBD's identity labels are escaped once, not once per sample.
         let devices = snapshots.map { ($0, identity($0), $0.statistics ?? VBDStatistics()) }
 
         for counter in counters {
             family(counter.name, "counter", counter.help)
-            for (_, labels, statistics) in devices { sample(counter.name, labels, "\(counter.value(statistics))") }
+            for (_, labels, statistics) in devices { sample(counter.name, labels, String(counter.value(statistics))) }
         }
         family("blkback_io_now", "gauge", "Requests taken off the rings and not answered yet.")
-        for (_, labels, statistics) in devices { sample("blkback_io_now", labels, "\(statistics.inflight)") }
+        for (_, labels, statistics) in devices { sample("blkback_io_now", labels, String(statistics.inflight)) }
         family("blkback_qos_throttled_seconds_total", "counter", "Time requests spent held back by the VBD's QoS limits since connect.")
         for (_, labels, statistics) in devices {
             sample("blkback_qos_throttled_seconds_total", labels, "\(Double(statistics.throttledNanoseconds) / 1e9)")
         }
         family("blkback_halted_rings", "gauge", "Rings no longer served: their frontend broke the protocol or their I/O failed.")
-        for (_, labels, statistics) in devices { sample("blkback_halted_rings", labels, "\(statistics.haltedRings)") }
+        for (_, labels, statistics) in devices { sample("blkback_halted_rings", labels, String(statistics.haltedRings)) }
         family("blkback_persistent_grants", "gauge", "Guest grants kept mapped across requests (feature-persistent), over the rings.")
-        for (_, labels, statistics) in devices { sample("blkback_persistent_grants", labels, "\(statistics.persistentGrants)") }
+        for (_, labels, statistics) in devices { sample("blkback_persistent_grants", labels, String(statistics.persistentGrants)) }
 
         let histogram = "blkback_request_duration_seconds"
+        let bounds = LatencyHistogram.upperBounds.map { ",le=\"\($0)\"" } + [",le=\"+Inf\""]
         family(histogram, "histogram", "Time from taking a request off the ring to writing its response, since connect.")
         for (_, labels, statistics) in devices {
             for operation in BlockOperationKind.allCases {
                 let latency = statistics.latency(operation)
-                let opLabels = labels + [("op", operation.description)]
-                for (bound, count) in zip(LatencyHistogram.upperBounds, latency.cumulativeCounts) {
-                    sample(histogram + "_bucket", opLabels + [("le", "\(bound)")], "\(count)")
+                let opLabels = labels + ",op=\"\(operation.description)\""
+                for (bound, count) in zip(bounds, latency.cumulativeCounts + [latency.count]) {
+                    sample(histogram + "_bucket", opLabels + bound, String(count))
                 }
-                sample(histogram + "_bucket", opLabels + [("le", "+Inf")], "\(latency.count)")
                 sample(histogram + "_sum", opLabels, "\(latency.sumSeconds)")
-                sample(histogram + "_count", opLabels, "\(latency.count)")
+                sample(histogram + "_count", opLabels, String(latency.count))
             }
         }
 
         family("blkback_vbd_info", "gauge", "Always 1; labels describe the VBD.")
         for (snapshot, labels, _) in devices {
-            sample("blkback_vbd_info", labels + [
-                ("backend_path", snapshot.backendPath), ("frontend_path", snapshot.frontendPath),
-                ("mode", snapshot.mode), ("target", snapshot.target), ("protocol", snapshot.protocol ?? ""),
-            ], "1")
+            let described = [("backend_path", snapshot.backendPath), ("frontend_path", snapshot.frontendPath),
+                             ("mode", snapshot.mode), ("target", snapshot.target), ("protocol", snapshot.protocol ?? "")]
+            sample("blkback_vbd_info", labels + "," + render(described), "1")
         }
         family("blkback_vbd_state", "gauge", "The backend's xenbus state (1 Initialising, 2 InitWait, 4 Connected, 5 Closing, 6 Closed).")
-        for (snapshot, labels, _) in devices { sample("blkback_vbd_state", labels, "\(snapshot.backendState.rawValue)") }
+        for (snapshot, labels, _) in devices { sample("blkback_vbd_state", labels, String(snapshot.backendState.rawValue)) }
         return text
     }
 
-    private static func identity(_ snapshot: VBDSnapshot) -> [(String, String)] {
-        [("domid", "\(snapshot.domid)"), ("devid", "\(snapshot.devid)"), ("kind", snapshot.kind)]
+    private static func render(_ labels: [(String, String)]) -> String {
+        labels.map { "\($0.0)=\"\(escapeLabel($0.1))\"" }.joined(separator: ",")
+    }
+
+    private static func identity(_ snapshot: VBDSnapshot) -> String {
+        render([("domid", "\(snapshot.domid)"), ("devid", "\(snapshot.devid)"), ("kind", snapshot.kind)])
     }
 
     /// Label values escape backslash, double quote and line feed.
