@@ -42,6 +42,7 @@ let package = Package(
         cLibrary("CMicroHTTPD", pkgConfig: "libmicrohttpd", apt: ["libmicrohttpd-dev"]),
         cLibrary("CJansson", pkgConfig: "jansson", apt: ["libjansson-dev"]),
         cLibrary("CURing", pkgConfig: "liburing", apt: ["liburing-dev"]),
+        cLibrary("CNBD", pkgConfig: "libnbd", apt: ["libnbd-dev"]),
         // Engine: the daemon's xen-blkback, in targets along its seams (docs/architecture.md).
         // The control plane and the data plane never import each other; they meet in
         // VBDInterface. The simulator's hypervisor lives outside Engine, in SimHypervisor.
@@ -59,7 +60,9 @@ let package = Package(
             dependencies: ["CXenGnttab", "CXenEvtchn"],
             path: "Sources/Engine/Hypervisor"
         ),
-        .target(name: "VBDInterface", dependencies: ["Blkif", "Xenbus"], path: "Sources/Engine/VBDInterface"),
+        // An NBD server as a backing store, through libnbd.
+        .target(name: "NBD", dependencies: ["CNBD"], path: "Sources/Engine/NBD"),
+        .target(name: "VBDInterface", dependencies: ["Blkif", "Xenbus", "NBD"], path: "Sources/Engine/VBDInterface"),
         .target(
             name: "ControlPlane",
             dependencies: ["VBDInterface", "Xenbus", "Blkif", .product(name: "Logging", package: "swift-log")],
@@ -67,7 +70,7 @@ let package = Package(
         ),
         .target(
             name: "DataPlane",
-            dependencies: ["VBDInterface", "Blkif", "Hypervisor", "CURing", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["VBDInterface", "Blkif", "Hypervisor", "NBD", "CURing", .product(name: "Logging", package: "swift-log")],
             path: "Sources/Engine/DataPlane"
         ),
         .target(

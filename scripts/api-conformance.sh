@@ -196,6 +196,8 @@ expected = {
     "blkback_persistent_grants": stats["persistent_grants"],
     "blkback_grant_cap_copied_pages_total": stats["grant_cap_copied"],
     "blkback_spurious_events_total": stats["spurious_events"],
+    "blkback_store_waiting_rings": stats["store_waiting_rings"],
+    "blkback_store_reconnects_total": stats["store_reconnects"],
     "blkback_request_duration_seconds_count:read": stats["rd_req"],
     "blkback_request_duration_seconds_count:write": stats["wr_req"],
     "blkback_vbd_state": 4,

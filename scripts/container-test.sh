@@ -12,9 +12,10 @@ cd "$(dirname "$0")/.."
 started=$(date +%s)
 seconds="${CONTAINER_TEST_SECONDS:-5}"
 sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-base=localhost/blkback-base:bookworm
+# The tag names what the base holds: a new runtime package needs a new tag.
+base=localhost/blkback-base:bookworm-nbd
 image=localhost/blkback:test
-runtime_packages="libstdc++6 libxenstore4 libxengnttab1 libxenevtchn1 libmicrohttpd12 libjansson4 liburing2 xenstore-utils"
+runtime_packages="libstdc++6 libxenstore4 libxengnttab1 libxenevtchn1 libmicrohttpd12 libjansson4 liburing2 libnbd0 xenstore-utils"
 say() { echo "container-test: $*"; }
 
 missing=()

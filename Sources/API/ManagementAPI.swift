@@ -305,6 +305,7 @@ public struct ManagementAPI: Sendable {
             ("persistent_grants", statistics.persistentGrants), ("halted_rings", statistics.haltedRings),
             ("spurious_events", statistics.spuriousEvents), ("grant_cap_copied", statistics.grantCapCopiedPages),
             ("qos_delayed", statistics.delayedRequests), ("qos_throttled_ms", statistics.throttledNanoseconds / 1_000_000),
+            ("store_waiting_rings", statistics.storeWaitingRings), ("store_reconnects", statistics.storeReconnects),
         ]
         return .object(counters.map { ($0.0, .integer(Int64(clamping: $0.1))) })
     }

@@ -80,9 +80,22 @@ struct BlkbackServer: ParsableCommand {
     var maxPersistentGrants: Int = BackendConfiguration.defaultMaxPersistentGrants
 
     @Option(help: ArgumentHelp("""
-        Grant pages one guest may have mapped at once over all its VBDs (each takes one of         dom0's maptrack entries); more travel by grant copy (64...1048576).
+        Grant pages one guest may have mapped at once over all its VBDs (each takes one of \
+        dom0's maptrack entries); more travel by grant copy (64...1048576).
         """, valueName: "pages"))
     var maxGrantsPerDomain: Int = BlkbackDataPlane.defaultMaxGrantsPerDomain
+
+    @Option(help: ArgumentHelp("""
+        Seconds an NBD server has to answer when a device is opened; one that does not fails \
+        the device as a missing file would.
+        """, valueName: "seconds"))
+    var storeConnectTimeout: Double = 10
+
+    @Option(help: ArgumentHelp("""
+        Seconds requests wait while a lost NBD server is reconnected; then they fail with an \
+        error (reconnecting goes on, and later requests are served once it succeeds).
+        """, valueName: "seconds"))
+    var storeRetryTimeout: Double = BlkbackDataPlane.defaultStoreRetryTimeout
 
     @Option(help: ArgumentHelp("""
         How guest pages not kept mapped by persistent grants reach the disk: auto (direct I/O; \
@@ -149,8 +162,12 @@ struct BlkbackServer: ParsableCommand {
         let configuration = BackendConfiguration(
             domid: domid, kinds: kinds.isEmpty ? ["vbd"] : kinds, maxQueues: maxQueues,
             maxRingPageOrder: maxRingPageOrder, maxIndirectSegments: maxIndirectSegments,
-            persistentGrants: persistentGrants, maxPersistentGrants: maxPersistentGrants)
+            persistentGrants: persistentGrants, maxPersistentGrants: maxPersistentGrants,
+            storeConnectTimeout: storeConnectTimeout)
         if let problem = configuration.validationError { fail(problem, code: 2) }
+        guard storeRetryTimeout >= 0, storeRetryTimeout <= 86400 else {
+            fail("--store-retry-timeout must be 0...86400 seconds, got \(storeRetryTimeout)", code: 2)
+        }
         guard (64...1_048_576).contains(maxGrantsPerDomain) else {
             fail("--max-grants-per-domain must be 64...1048576, got \(maxGrantsPerDomain)", code: 2)
         }
@@ -234,7 +251,8 @@ struct BlkbackServer: ParsableCommand {
             fail("cannot create the state directory \(journals): \(String(cString: strerror(errno))); choose one with --state-dir", code: 2)
         }
         let dataPlane = BlkbackDataPlane(services: services, policy: ioMode, journalDirectory: journals,
-                                         maxGrantsPerDomain: maxGrantsPerDomain, logger: Logger(label: "blkback.data"))
+                                         maxGrantsPerDomain: maxGrantsPerDomain, storeRetryTimeout: storeRetryTimeout,
+                                         logger: Logger(label: "blkback.data"))
 
         let store: XenStore
         do {

@@ -24,7 +24,7 @@ import Testing
         #expect(store.deviceNumber == nil)
         #expect(store.path == path)
         var byte: UInt8 = 0x5a
-        #expect(pwrite(store.descriptor, &byte, 1, 0) == 1)
+        #expect(pwrite(try #require(store.descriptor), &byte, 1, 0) == 1)
     }
 
     @Test func readOnlyOpenRefusesWrites() throws {
@@ -33,7 +33,7 @@ import Testing
         let store = try BackingStore.open(.path(path), readOnly: true)
         #expect(store.readOnly)
         var byte: UInt8 = 1
-        #expect(pwrite(store.descriptor, &byte, 1, 0) == -1)
+        #expect(pwrite(try #require(store.descriptor), &byte, 1, 0) == -1)
         #expect(errno == EBADF)
     }
 
@@ -75,6 +75,25 @@ import Testing
     ])
     func paramsPrefixesAreStripped(params: String, path: String) throws {
         #expect(try BackingSource.params(params) == .path(path))
+    }
+
+    @Test(arguments: ["nbd://storage.example:10809/disk1", "nbd+unix:///disk1?socket=/run/nbd.sock", "nbds://10.0.0.2/vm7",
+                      "nbds+unix:///?socket=/run/nbd.sock&tls-psk-file=/etc/nbd/psk"])
+    func nbdURIsAreTakenAsTheyAre(params: String) throws {
+        #expect(try BackingSource.params("  \(params)\n") == .nbd(uri: params))
+    }
+
+    /// Nothing listens there: the open fails within its timeout with errno and one line, as a
+    /// missing file does.
+    @Test func unreachableNBDServerIsAnError() throws {
+        let socket = NSTemporaryDirectory() + "/blkback-test-\(UUID().uuidString).sock"
+        do {
+            _ = try BackingStore.open(.nbd(uri: "nbd+unix:///?socket=\(socket)"), readOnly: false, connectTimeout: 5)
+            Issue.record("opened an NBD export nobody serves")
+        } catch {
+            #expect(error.errno == ENOENT || error.errno == ECONNREFUSED, "\(error)")
+            #expect(error.message.contains("NBD export unreachable") && !error.message.contains("\n"), "\(error.message)")
+        }
     }
 
     @Test(arguments: ["", "aio:", "vhd:/srv/disk.vhd", "qcow2:/x.qcow2", "relative/disk.img"])

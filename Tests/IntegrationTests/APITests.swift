@@ -38,7 +38,8 @@ import XenStoreTestSupport
             return now["rd_req"]! + now["wr_req"]! > first["rd_req"]! + first["wr_req"]!
         })
         #expect(Set(first.keys) == ["rd_req", "wr_req", "f_req", "ds_req", "oo_req", "rd_sect", "wr_sect", "errors", "inflight",
-                                 "persistent_grants", "halted_rings", "spurious_events", "grant_cap_copied", "qos_delayed", "qos_throttled_ms"])
+                                 "persistent_grants", "halted_rings", "spurious_events", "grant_cap_copied", "qos_delayed", "qos_throttled_ms",
+                                 "store_waiting_rings", "store_reconnects"])
 
         // Pretty on request; HEAD where GET is allowed.
         #expect(try rig.get(APIRig.vbd + "?pretty").body.contains("\n  \"domid\": 1,\n"))
@@ -167,7 +168,11 @@ import XenStoreTestSupport
         #expect(try eventually { try rig.isConnected() && (try rig.stats()["inflight"] ?? 0) > 8 })
         let closed = try rig.post(APIRig.vbd + "/state", #"{"state":"closed"}"#)
         // Requests held back by QoS are in flight: Closing now, Closed once they are answered.
-        #expect(closed.status == 202 && closed.json?["backend_state"] as? String == "Closing", "\(closed.body)")
+        // A stop lets held requests go at once, so on a loaded machine they may all have been
+        // answered before the command returned: Closed at once is right then; the guest's
+        // count below says whether Closed ever came before an answer.
+        let answer = closed.json?["backend_state"] as? String
+        #expect(closed.status == 202 && ["Closing", "Closed"].contains(answer), "\(closed.body)")
         var samples = 0, violations: [String] = []
         #expect(try eventually {
             // The state first: once it says Closed, nothing may be in flight any more.
@@ -178,9 +183,10 @@ import XenStoreTestSupport
             return state == "Closed"
         })
         #expect(violations.isEmpty, "\(violations)")
-        print("closed-after-drain: \(samples) samples until Closed")
+        print("closed-after-drain: answered \(answer ?? "-"), \(samples) samples until Closed")
         let (_, report) = rig.stopGuest()
         #expect(report?["verify_failures"] as? Int ?? 0 == 0)
+        #expect(report?["unanswered_at_closed"] as? Int == 0, "\(String(describing: report))")
     }
 
     @Test func qosLimitsAreSetLiveKeptInXenstoreAndHoldRequestsBack() throws {

@@ -1,6 +1,5 @@
 import Blkif
 import VBDInterface
-import VBDInterface
 import Xenbus
 
 /// What this backend advertises and serves; fixed for the daemon's lifetime.
@@ -25,6 +24,8 @@ public struct BackendConfiguration: Sendable, Equatable {
     /// Grants each ring keeps mapped at most with feature-persistent (Linux blkback's
     /// max_persistent_grants, default 1056); requests past it map their pages for themselves.
     public var maxPersistentGrants: Int
+    /// Seconds a network store (NBD) has to answer when a device is opened.
+    public var storeConnectTimeout: Double
 
     /// Linux blkback's default max_persistent_grants.
     public static let defaultMaxPersistentGrants = 1056
@@ -33,7 +34,9 @@ public struct BackendConfiguration: Sendable, Equatable {
 
     public init(domid: UInt32 = 0, kinds: [String] = ["vbd"], maxQueues: Int = 4, maxRingPageOrder: Int = 4,
                 maxIndirectSegments: Int = 256, persistentGrants: Bool = true,
-                maxPersistentGrants: Int = BackendConfiguration.defaultMaxPersistentGrants) {
+                maxPersistentGrants: Int = BackendConfiguration.defaultMaxPersistentGrants,
+                storeConnectTimeout: Double = 10) {
+        self.storeConnectTimeout = storeConnectTimeout
         self.domid = domid
         self.kinds = kinds
         self.maxQueues = maxQueues
@@ -58,6 +61,9 @@ public struct BackendConfiguration: Sendable, Equatable {
         }
         if maxPersistentGrants < 0 || maxPersistentGrants > Self.persistentGrantLimit {
             return "max-persistent-grants \(maxPersistentGrants) is outside 0...\(Self.persistentGrantLimit)"
+        }
+        if !(storeConnectTimeout > 0 && storeConnectTimeout <= 3600) {
+            return "store-connect-timeout \(storeConnectTimeout) is outside (0, 3600] seconds"
         }
         return nil
     }

@@ -94,7 +94,7 @@ extension VBD {
 
     /// The frontend's ring keys, checked against what we offer.
     func readRingDescription() throws -> RingDescription {
-        try RingDescription.read(limits: context.configuration.ringLimits) { key in try store.read(frontendPath + "/" + key) }
+        try RingDescription.read(limits: ringLimits) { key in try store.read(frontendPath + "/" + key) }
     }
 
     /// xen_update_blkif_status: connect once both the rings and the backing store are there.

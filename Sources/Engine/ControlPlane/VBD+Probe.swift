@@ -1,3 +1,4 @@
+import Blkif
 import Foundation
 import Glibc
 import VBDInterface
@@ -39,6 +40,11 @@ extension VBD {
 
     /// InitWait, and the frontend's state watched.
     private func offer() throws {
+        let limits = ringLimits
+        if limits.maxQueues < context.configuration.maxQueues {
+            // An NBD server without multi-conn: a flush covers only its own connection.
+            try store.write(backendPath + "/multi-queue-max-queues", "\(limits.maxQueues)")
+        }
         // What the frontend says now, before the watch fires with it (see frontendStateChanged).
         frontendState = FrontendStateReading(node: try store.read(frontendPath + "/state"))
         try switchState(.initWait)
@@ -63,7 +69,8 @@ extension VBD {
             }
             disk.requestedTarget = try backend("params") ?? ""
             // On this thread: the guest's I/O waits for the takeover, and it happens once.
-            try adopt(try Self.open(source, readOnly: disk.mode != .write, dataPlane: context.dataPlane))
+            try adopt(try Self.open(source, readOnly: disk.mode != .write, connectTimeout: context.configuration.storeConnectTimeout,
+                                    dataPlane: context.dataPlane))
             guard let backingStore = disk.store else { return }
             backendState = .connected
             frontendState = FrontendStateReading(node: try store.read(frontendPath + "/state"))
@@ -152,7 +159,10 @@ extension VBD {
     private func startOpening(_ source: BackingSource, then next: AfterOpening) {
         let readOnly = disk.mode != .write
         let dataPlane = context.dataPlane
-        let ticket = context.openings.start(identity) { try Self.open(source, readOnly: readOnly, dataPlane: dataPlane) }
+        let timeout = context.configuration.storeConnectTimeout
+        let ticket = context.openings.start(identity) {
+            try Self.open(source, readOnly: readOnly, connectTimeout: timeout, dataPlane: dataPlane)
+        }
         disk.opening = (ticket, next)
     }
 
@@ -174,9 +184,14 @@ extension VBD {
     }
 
     /// BackingStore.open and DataPlane.prepare: I/O on the store, which may take long.
-    private static func open(_ source: BackingSource, readOnly: Bool, dataPlane: (any DataPlane)?) throws -> OpenedStore {
+    private static func open(_ source: BackingSource, readOnly: Bool, connectTimeout: Double,
+                             dataPlane: (any DataPlane)?) throws -> OpenedStore {
         let store: BackingStore
-        do { store = try BackingStore.open(source, readOnly: readOnly) } catch { throw Self.creatingVBD(error) }
+        do {
+            store = try BackingStore.open(source, readOnly: readOnly, connectTimeout: connectTimeout)
+        } catch {
+            throw Self.creatingVBD(error)
+        }
         return OpenedStore(store: store, prepared: try dataPlane?.prepare(store))
     }
 
@@ -188,6 +203,14 @@ extension VBD {
         disk.sectors = store.sectors
         disk.info = try vdiskInfo(readOnly: store.readOnly)
         logger.info("opened \(store.path) (\(store.sectors) sectors of 512 bytes, sector size \(store.logicalSectorSize), \(store.readOnly ? "read-only" : "read-write"))")
+    }
+
+    /// What this device's frontend may ask for: the daemon's limits, and one queue on an NBD
+    /// export whose server does not promise consistency across connections (multi-conn).
+    var ringLimits: RingLimits {
+        var limits = context.configuration.ringLimits
+        if case .nbd(let export) = disk.store?.medium, !export.info.canMultiConn { limits.maxQueues = 1 }
+        return limits
     }
 
     /// physical-device as the hotplug script writes it (major:minor in hex).

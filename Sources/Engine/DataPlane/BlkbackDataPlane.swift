@@ -4,6 +4,7 @@ internal import CURing
 import Glibc
 import Hypervisor
 import Logging
+import NBD
 import Synchronization
 import VBDInterface
 
@@ -34,13 +35,19 @@ public final class BlkbackDataPlane: DataPlane {
     private let grantBudgets: DomainGrantBudgets
     /// This boot's /proc/sys/kernel/random/boot_id: a journal from another boot is stale.
     private let bootID: String
+    /// Seconds requests wait for a lost network store (NBD) before they fail.
+    private let storeRetryTimeout: Double
 
     /// The grant pages one guest may have mapped at once, over all its VBDs; more travel by grant copy.
     public static let defaultMaxGrantsPerDomain = 16384
 
+    public static let defaultStoreRetryTimeout = 60.0
+
     public init(services: HypervisorServices, policy: IOPolicy = .auto, journalDirectory: String,
-                maxGrantsPerDomain: Int = defaultMaxGrantsPerDomain, logger: Logger) {
+                maxGrantsPerDomain: Int = defaultMaxGrantsPerDomain, storeRetryTimeout: Double = defaultStoreRetryTimeout,
+                logger: Logger) {
         self.services = services
+        self.storeRetryTimeout = storeRetryTimeout
         grantBudgets = DomainGrantBudgets(limit: maxGrantsPerDomain)
         self.policy = policy
         self.journalDirectory = journalDirectory
@@ -50,7 +57,8 @@ public final class BlkbackDataPlane: DataPlane {
     }
 
     public func prepare(_ store: BackingStore) throws -> any PreparedStore {
-        let io = try IODescriptor(store: store, allowDirect: policy != .buffered)
+        guard case .local(let descriptor) = store.medium else { return PreparedIO(io: nil, holePunchGranularity: nil) }
+        let io = try IODescriptor(store: store, descriptor: descriptor, allowDirect: policy != .buffered)
         let granularity = store.isBlockDevice || store.readOnly ? nil : io.holePunchGranularity()
         return PreparedIO(io: io, holePunchGranularity: granularity)
     }
@@ -64,21 +72,38 @@ public final class BlkbackDataPlane: DataPlane {
             throw DataPlaneError("the backing store was prepared by another data plane")
         }
         let io = prepared.io
-        var features = Self.features(of: store, prepared, discardEnabled: request.discardEnabled)
-        features.persistentGrants = request.rings.persistentGrants
-        // Pages that are not kept mapped are copied whenever direct I/O could outlive their unmap.
-        let copyTransient = io.direct && (policy == .directCopy || !services.grants.unmapIsSynchronousAfterDirectIO)
-        let ioMode: IOMode = !io.direct ? .buffered : features.persistentGrants ? .directPersistent
-            : copyTransient ? .directCopy : .directMap
+        var features: BlockFeatures
+        let copyTransient: Bool
+        let ioMode: IOMode
+        let access: StoreAccess
+        switch (store.medium, io) {
+        case (.local, let io?):
+            features = Self.features(of: store, prepared, discardEnabled: request.discardEnabled)
+            features.persistentGrants = request.rings.persistentGrants
+            // Pages that are not kept mapped are copied whenever direct I/O could outlive their unmap.
+            copyTransient = io.direct && (policy == .directCopy || !services.grants.unmapIsSynchronousAfterDirectIO)
+            ioMode = !io.direct ? .buffered : features.persistentGrants ? .directPersistent
+                : copyTransient ? .directCopy : .directMap
+            access = .local(descriptor: io.descriptor, isBlockDevice: store.isBlockDevice)
+        case (.nbd(let export), _):
+            // Every page is copied to daemon memory, where a request's pages lie side by side
+            // and go out as one NBD command; nothing of the guest stays mapped meanwhile.
+            features = Self.features(of: export.info, readOnly: store.readOnly, discardEnabled: request.discardEnabled)
+            copyTransient = true
+            ioMode = .copy
+            access = .nbd(NBDTarget(export: export, retryTimeout: storeRetryTimeout))
+        case (.local, nil):
+            throw DataPlaneError("the backing store of \(request.vbd) was not prepared for local I/O")
+        }
         let maxIndirect = min(max(request.maxIndirectSegments, 0), Blkif.maxIndirectSegments)
         let device = DeviceContext(
-            domid: request.vbd.domid.rawValue, descriptor: io.descriptor,
+            domid: request.vbd.domid.rawValue, access: access,
             fixedLimits: BlkifRequestLimits(sectors: store.sectors, readOnly: store.readOnly, maxIndirectSegments: maxIndirect,
                                        sectorsPerBlock: UInt64(max(store.logicalSectorSize, 512) / 512)),
             capacity: DeviceCapacity(sectors: request.sectors ?? store.sectors), features: features, ringRefs: Set(request.rings.queues.flatMap(\.ringRefs)),
             persistentGrants: features.persistentGrants, maxPersistentGrants: request.maxPersistentGrants,
             copyTransient: copyTransient, grantBudget: grantBudgets.budget(of: request.vbd.domid.rawValue), throttle: QoSThrottle(request.qos, now: DispatchTime.now().uptimeNanoseconds),
-            isBlockDevice: store.isBlockDevice, events: request.events)
+            events: request.events)
 
         var workers: [RingWorker] = []
         do {
@@ -177,6 +202,18 @@ public final class BlkbackDataPlane: DataPlane {
         }
     }
 
+    /// An NBD export's operations, as its server offered them: flush and barrier always (a
+    /// server that takes no flush has no cache to flush), discard as trim where the server
+    /// trims, granular to its preferred block size.
+    static func features(of export: NBDExportInfo, readOnly: Bool, discardEnabled: Bool) -> BlockFeatures {
+        var features = BlockFeatures(flush: true, barrier: true)
+        if discardEnabled, !readOnly, export.canTrim {
+            features.discard = true
+            features.discardGranularity = max(512, min(export.preferredBlockSize, 1 << 20))
+        }
+        return features
+    }
+
     /// What this backing store gets: flush and barrier always (fdatasync); discard, unless the
     /// toolstack said discard-enable=0, on a writable block device whose queue takes discards
     /// (its granularity and alignment from sysfs, as Linux blkback takes them from the queue;
@@ -209,12 +246,13 @@ final class DeviceCapacity: Sendable {
     }
 }
 
-/// A store's I/O descriptor and whether its file system punches holes, found once.
+/// A local store's I/O descriptor and whether its file system punches holes, found once
+/// (nothing for a network store: each ring connects on its own).
 final class PreparedIO: PreparedStore {
-    let io: IODescriptor
+    let io: IODescriptor?
     let holePunchGranularity: UInt32?
 
-    init(io: IODescriptor, holePunchGranularity: UInt32?) {
+    init(io: IODescriptor?, holePunchGranularity: UInt32?) {
         self.io = io
         self.holePunchGranularity = holePunchGranularity
     }
@@ -233,16 +271,16 @@ final class IODescriptor: Sendable {
     let descriptor: Int32
     let direct: Bool
 
-    init(store: BackingStore, allowDirect: Bool) throws {
+    init(store: BackingStore, descriptor storeDescriptor: Int32, allowDirect: Bool) throws {
         let access = store.readOnly ? O_RDONLY : O_RDWR
-        let reopened = !allowDirect ? -1 : open("/proc/self/fd/\(store.descriptor)", access | O_CLOEXEC | O_NOCTTY | curing_o_direct())
+        let reopened = !allowDirect ? -1 : open("/proc/self/fd/\(storeDescriptor)", access | O_CLOEXEC | O_NOCTTY | curing_o_direct())
         if reopened >= 0, Self.directIOWorks(reopened, blockSize: Int(max(store.logicalSectorSize, 512))) {
             descriptor = reopened
             direct = true
             return
         }
         if reopened >= 0 { close(reopened) }
-        let duplicate = fcntl(store.descriptor, F_DUPFD_CLOEXEC, 0)
+        let duplicate = fcntl(storeDescriptor, F_DUPFD_CLOEXEC, 0)
         guard duplicate >= 0 else { throw DataPlaneError("duplicating the descriptor of \(store.path): \(SystemCallError(operation: "fcntl"))") }
         descriptor = duplicate
         direct = false
@@ -281,12 +319,13 @@ final class ConnectedVBD: ConnectedRings {
     private let throttle: QoSThrottle
     private let capacity: DeviceCapacity
     private let workers: [RingWorker]
-    private let io: IODescriptor
+    /// Kept open while the rings do I/O on it (nil for a network store).
+    private let io: IODescriptor?
     private let logger: Logger
     /// Released once; later disconnect() calls only report true.
     private let released = Locked(false)
 
-    init(workers: [RingWorker], io: IODescriptor, features: BlockFeatures, ioMode: IOMode, throttle: QoSThrottle,
+    init(workers: [RingWorker], io: IODescriptor?, features: BlockFeatures, ioMode: IOMode, throttle: QoSThrottle,
          capacity: DeviceCapacity, logger: Logger) {
         self.throttle = throttle
         self.capacity = capacity

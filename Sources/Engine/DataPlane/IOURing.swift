@@ -143,6 +143,22 @@ final class IOURing {
         io_uring_sqe_set_data64(entry, tag)
     }
 
+    /// One completion tagged `tag` when `descriptor` is ready for what is asked (its result:
+    /// the poll events that fired).
+    func poll(_ descriptor: Int32, readable: Bool, writable: Bool, tag: UInt64) throws {
+        let entry = try nextEntry()
+        io_uring_prep_poll_add(entry, descriptor, UInt32((readable ? POLLIN : 0) | (writable ? POLLOUT : 0)))
+        io_uring_sqe_set_data64(entry, tag)
+    }
+
+    /// Cancels the poll tagged `tag` (it completes with -ECANCELED); the cancellation's own
+    /// completion is tagged `reportingAs`.
+    func cancelPoll(tag: UInt64, reportingAs ignored: UInt64) throws {
+        let entry = try nextEntry()
+        io_uring_prep_poll_remove(entry, tag)
+        io_uring_sqe_set_data64(entry, ignored)
+    }
+
     /// Hands everything queued to the kernel.
     @discardableResult
     func submit() throws -> Int {

@@ -8,12 +8,20 @@ import Logging
 import Synchronization
 import VBDInterface
 
-/// What every ring of one VBD shares: the backing store's I/O descriptor, the limits requests
-/// are checked against and the operations served.
+/// Where a VBD's rings send their I/O.
+enum StoreAccess: Sendable {
+    /// io_uring on the store's descriptor (O_DIRECT when the store allows it; owned by
+    /// ConnectedVBD); discards punch holes, or BLKDISCARD on a block device.
+    case local(descriptor: Int32, isBlockDevice: Bool)
+    /// An NBD export, one connection per ring.
+    case nbd(NBDTarget)
+}
+
+/// What every ring of one VBD shares: where its I/O goes, the limits requests are checked
+/// against and the operations served.
 struct DeviceContext: Sendable {
     let domid: UInt32
-    /// The descriptor I/O goes to (O_DIRECT when the store allows it); owned by ConnectedVBD.
-    let descriptor: Int32
+    let access: StoreAccess
     /// Everything a request is validated against but the size, which `capacity` holds.
     let fixedLimits: BlkifRequestLimits
     /// The device's size in sectors, changed by an online resize.
@@ -35,8 +43,6 @@ struct DeviceContext: Sendable {
     let grantBudget: DomainGrantBudget
     /// The VBD's QoS limits, shared by its rings.
     let throttle: QoSThrottle
-    /// Discards go to the device (BLKDISCARD) rather than punching holes in a file.
-    let isBlockDevice: Bool
     /// Halts and error responses, for the API's event stream.
     let events: VBDEventReporter
 }
@@ -151,6 +157,8 @@ final class RingWorker: @unchecked Sendable {
     private let device: DeviceContext
     private var ring: BackRing
     private let uring: IOURing
+    /// This ring's connection, for an NBD store.
+    private let nbd: NBDRingClient?
     private let wakeup: Int32
     private var logger: Logger
 
@@ -221,6 +229,11 @@ final class RingWorker: @unchecked Sendable {
         freeSlots = Array((0..<Int(shared.size)).reversed())
         self.logger = logger
         self.logger[metadataKey: "queue"] = "\(queue)"
+        if case .nbd(let target) = device.access {
+            nbd = NBDRingClient(target: target, name: "blkback.\(device.domid)-\(queue)", statistics: statistics, logger: self.logger)
+        } else {
+            nbd = nil
+        }
     }
 
     deinit { close(wakeup) }
@@ -289,6 +302,7 @@ final class RingWorker: @unchecked Sendable {
                 let wait = max(1, Int((unmaskAt &- min(unmaskAt, DispatchTime.now().uptimeNanoseconds) + 999_999) / 1_000_000))
                 timeout = min(timeout ?? wait, wait)
             }
+            if let wait = nbd?.prepareToWait(uring, cancellationTag: Self.withdrawnTag) { timeout = min(timeout ?? wait, wait) }
             do {
                 try uring.submitAndWait(minimum: busy ? 0 : 1, milliseconds: timeout)
                 submissionBlocked = false
@@ -735,6 +749,8 @@ final class RingWorker: @unchecked Sendable {
     }
 
     private func submitStage(_ index: Int) {
+        if let nbd { return submitStage(index, to: nbd) }
+        guard case .local(let descriptor, let isBlockDevice) = device.access else { return }
         let slot = slots[index]
         do {
             switch slot.stage {
@@ -745,30 +761,30 @@ final class RingWorker: @unchecked Sendable {
                     let count = min(Self.maxVectorsPerSubmission, slot.vectorCount - vector)
                     let pointer = UnsafePointer(slot.vectors + vector)
                     if slot.isWrite {
-                        try uring.write(device.descriptor, pointer, count: count, offset: offset, tag: tag(index))
+                        try uring.write(descriptor, pointer, count: count, offset: offset, tag: tag(index))
                     } else {
-                        try uring.read(device.descriptor, pointer, count: count, offset: offset, tag: tag(index))
+                        try uring.read(descriptor, pointer, count: count, offset: offset, tag: tag(index))
                     }
                     slot.outstanding += 1
                     for i in vector..<(vector + count) { offset += UInt64(slot.vectors[i].iov_len) }
                     vector += count
                 }
             case .flush:
-                try uring.flush(device.descriptor, tag: tag(index))
+                try uring.flush(descriptor, tag: tag(index))
                 slot.outstanding += 1
-            case .discard where device.isBlockDevice:
+            case .discard where isBlockDevice:
                 // BLKDISCARD (BLKSECDISCARD), in this thread as Linux blkback's dispatch_discard_io
                 // does (io_uring gained a discard command only in Linux 6.12, and none for secure erase).
                 var range: (UInt64, UInt64) = (slot.offset, slot.discardLength)
                 let request = slot.secureDiscard ? BackingStore.secureDiscardRequest : BackingStore.discardRequest
-                if ioctl(device.descriptor, request, &range) != 0 {
+                if ioctl(descriptor, request, &range) != 0 {
                     let error = errno
                     slot.status = error == EOPNOTSUPP ? .notSupported : .error
                     warn("discard of \(slot.discardLength) bytes at byte \(slot.offset) failed: \(String(cString: strerror(error)))")
                 }
                 return finish(index)
             case .discard:
-                try uring.punchHole(device.descriptor, offset: slot.offset, length: slot.discardLength, tag: tag(index))
+                try uring.punchHole(descriptor, offset: slot.offset, length: slot.discardLength, tag: tag(index))
                 slot.outstanding += 1
             case .idle, .waitingForDrain:
                 return
@@ -780,8 +796,54 @@ final class RingWorker: @unchecked Sendable {
         }
     }
 
+    /// The stage as NBD commands: one per contiguous run of the request's memory (its pages
+    /// are copied to daemon memory, so a whole-page request is one run), at most the
+    /// server's largest payload each; discards as trims of at most 1 GiB.
+    private func submitStage(_ index: Int, to nbd: NBDRingClient) {
+        let slot = slots[index]
+        let tag = tag(index)
+        switch slot.stage {
+        case .data:
+            let maxPayload = nbd.maxPayload
+            var offset = slot.offset
+            for vector in 0..<slot.vectorCount {
+                let base = slot.vectors[vector].iov_base!
+                let length = slot.vectors[vector].iov_len
+                var done = 0
+                while done < length {
+                    let count = min(maxPayload, length - done)
+                    let operation: NBDRingClient.Operation = slot.isWrite
+                        ? .write(UnsafeRawPointer(base + done), count: count) : .read(base + done, count: count)
+                    slot.outstanding += 1
+                    nbd.submit(.init(tag: tag, operation: operation, offset: offset))
+                    done += count
+                    offset += UInt64(count)
+                }
+            }
+        case .flush:
+            // A server that takes no flush keeps no write cache (the NBD protocol): nothing to do.
+            guard nbd.canFlush else { return finish(index) }
+            slot.outstanding += 1
+            nbd.submit(.init(tag: tag, operation: .flush, offset: 0))
+        case .discard:
+            var offset = slot.offset
+            var remaining = slot.discardLength
+            while remaining > 0 {
+                let count = min(remaining, 1 << 30)
+                slot.outstanding += 1
+                nbd.submit(.init(tag: tag, operation: .trim(count: count), offset: offset))
+                offset += count
+                remaining -= count
+            }
+            if slot.outstanding == 0 { finish(index) }
+        case .idle, .waitingForDrain:
+            return
+        }
+    }
+
     private func reapCompletions() {
         uring.reapCompletions { completed($0) }
+        nbd?.reap { completed($0) }
         if !awaitingCopyOut.isEmpty {
             let refused = copyGrants(.toGuest, of: awaitingCopyOut)
             for index in awaitingCopyOut {
@@ -802,6 +864,9 @@ final class RingWorker: @unchecked Sendable {
         case Self.eventChannelTag, Self.wakeupTag:
             return watchFired(completion)
         case Self.withdrawnTag:
+            return
+        case let tag where NBDRingClient.isPollTag(tag):
+            nbd?.pollFired(completion)
             return
         default:
             break

@@ -1,6 +1,7 @@
 import Blkif
 import Foundation
 import Glibc
+import NBD
 import Xenbus
 
 /// A block device number as physical-device spells it: hex "major:minor" (e.g. "fe:10").
@@ -48,12 +49,16 @@ public enum BackingSource: Hashable, Sendable, CustomStringConvertible {
     case device(DeviceNumber, pathHint: String?)
     /// A path from params (regular file or block device).
     case path(String)
+    /// An NBD export, named by the URI libnbd's nbd_connect_uri takes (nbd://HOST[:PORT]/EXPORT,
+    /// nbd+unix:///EXPORT?socket=PATH, and their TLS forms nbds://, nbds+unix://).
+    case nbd(uri: String)
 
-    /// Reads a `params` value: strips the qdisk/libxl prefixes aio:, raw:, file:, phy: and
-    /// expands a bare device name to /dev/NAME like the block hotplug script. Other formats
-    /// (vhd:, qcow2:, ...) are not raw images and are refused.
+    /// Reads a `params` value: an NBD URI as it is; otherwise strips the qdisk/libxl prefixes
+    /// aio:, raw:, file:, phy: and expands a bare device name to /dev/NAME like the block
+    /// hotplug script. Other formats (vhd:, qcow2:, ...) are not raw images and are refused.
     public static func params(_ value: String) throws(BackingStoreError) -> BackingSource {
         var rest = Substring(value.trimmingCharacters(in: .whitespacesAndNewlines))
+        if NBDConnection.isURI(rest) { return .nbd(uri: String(rest)) }
         let rawPrefixes = ["aio:", "raw:", "file:", "phy:"]
         while let prefix = rawPrefixes.first(where: { rest.hasPrefix($0) }) { rest = rest.dropFirst(prefix.count) }
         if rest.isEmpty { throw BackingStoreError(errno: EINVAL, message: "params '\(value)' names no file or device") }
@@ -71,19 +76,35 @@ public enum BackingSource: Hashable, Sendable, CustomStringConvertible {
         switch self {
         case .device(let number, _): "physical-device \(number)"
         case .path(let path): path
+        case .nbd(let uri): uri
         }
     }
+}
+
+/// An NBD export as the server described it when the store was opened. Each ring makes its
+/// own connection with these facts; the one that learned them is closed.
+public struct NBDExport: Sendable {
+    public let uri: String
+    public let info: NBDExportInfo
 }
 
 /// Why a backing store could not be opened: errno plus one line, as the error node takes it.
 public typealias BackingStoreError = XenbusFailure
 
-/// An open regular file or block device backing a VBD. The descriptor stays open until the
-/// last reference goes away, so the data plane can finish in-flight I/O after the control
-/// plane has forgotten the device.
+/// An open backing store: a regular file or block device, or an NBD export. A descriptor
+/// stays open until the last reference goes away, so the data plane can finish in-flight I/O
+/// after the control plane has forgotten the device.
 public final class BackingStore: Sendable {
+    /// Where the data is and how to reach it.
+    public enum Medium: Sendable {
+        /// A regular file or block device, open at `descriptor`.
+        case local(descriptor: Int32)
+        case nbd(NBDExport)
+    }
+
+    /// The file or device path, or the NBD URI.
     public let path: String
-    public let descriptor: Int32
+    public let medium: Medium
     public let readOnly: Bool
     public let isBlockDevice: Bool
     /// The block device's number (nil for a regular file).
@@ -93,10 +114,10 @@ public final class BackingStore: Sendable {
     public let logicalSectorSize: UInt32
     public let physicalSectorSize: UInt32
 
-    private init(path: String, descriptor: Int32, readOnly: Bool, isBlockDevice: Bool, deviceNumber: DeviceNumber?,
+    private init(path: String, medium: Medium, readOnly: Bool, isBlockDevice: Bool, deviceNumber: DeviceNumber?,
                  sectors: UInt64, logicalSectorSize: UInt32, physicalSectorSize: UInt32) {
         self.path = path
-        self.descriptor = descriptor
+        self.medium = medium
         self.readOnly = readOnly
         self.isBlockDevice = isBlockDevice
         self.deviceNumber = deviceNumber
@@ -105,17 +126,56 @@ public final class BackingStore: Sendable {
         self.physicalSectorSize = physicalSectorSize
     }
 
-    deinit { Glibc.close(descriptor) }
+    deinit {
+        if case .local(let descriptor) = medium { Glibc.close(descriptor) }
+    }
+
+    /// The local descriptor; nil for a network store.
+    public var descriptor: Int32? {
+        if case .local(let descriptor) = medium { return descriptor }
+        return nil
+    }
 
     /// Opens the source read-only or read-write (mode "r" / "w"). physical-device must name a
-    /// block device; a params path may be a regular file or a block device.
-    public static func open(_ source: BackingSource, readOnly: Bool) throws(BackingStoreError) -> BackingStore {
+    /// block device; a params path may be a regular file or a block device; an NBD server
+    /// must answer within `connectTimeout` seconds.
+    public static func open(_ source: BackingSource, readOnly: Bool, connectTimeout: Double = 10) throws(BackingStoreError) -> BackingStore {
         switch source {
         case .path(let path):
             return try open(path: path, readOnly: readOnly, expecting: nil)
         case .device(let number, let hint):
             return try openDevice(number, pathHint: hint, readOnly: readOnly)
+        case .nbd(let uri):
+            return try openNBD(uri, readOnly: readOnly, timeout: connectTimeout)
         }
+    }
+
+    /// Connects once to learn the export's size, flags and block sizes (the rings connect on
+    /// their own later). A server that refuses or does not answer fails the open as a missing
+    /// file would.
+    private static func openNBD(_ uri: String, readOnly: Bool, timeout: Double) throws(BackingStoreError) -> BackingStore {
+        let info: NBDExportInfo
+        do {
+            let connection = try NBDConnection(name: "blkback-open")
+            try connection.connect(uri: uri, timeout: timeout)
+            info = try connection.exportInfo()
+        } catch {
+            throw BackingStoreError(errno: error.errno, message: "NBD export unreachable: \(error.message)")
+        }
+        if info.readOnly && !readOnly {
+            throw BackingStoreError(errno: EROFS, message: "NBD export \(uri) is read-only; attach it with mode r")
+        }
+        // The server's minimum block size is the disk's logical sector size (at least 512
+        // bytes, at most a page); its preferred one the physical sector size.
+        let logical = max(512, info.minimumBlockSize)
+        guard logical.nonzeroBitCount == 1, logical <= 4096 else {
+            throw BackingStoreError(errno: EINVAL, message: "NBD export \(uri) has minimum block size \(info.minimumBlockSize); blkif takes 512 to 4096")
+        }
+        let preferred = info.preferredBlockSize
+        let physical = preferred > logical && preferred.nonzeroBitCount == 1 && preferred <= 65536 ? preferred : logical
+        return BackingStore(path: uri, medium: .nbd(NBDExport(uri: uri, info: info)), readOnly: readOnly, isBlockDevice: false,
+                            deviceNumber: nil, sectors: info.size / UInt64(logical) * UInt64(logical / 512),
+                            logicalSectorSize: logical, physicalSectorSize: physical)
     }
 
     private static func openDevice(_ number: DeviceNumber, pathHint: String?, readOnly: Bool) throws(BackingStoreError) -> BackingStore {
@@ -176,7 +236,7 @@ public final class BackingStore: Sendable {
     /// device without secure erase before it looks at the range, and EINVAL for one with it,
     /// so the probe never erases anything. Needs the descriptor open for writing.
     public var takesSecureErase: Bool {
-        guard isBlockDevice, !readOnly else { return false }
+        guard isBlockDevice, !readOnly, let descriptor else { return false }
         var range: (UInt64, UInt64) = (1, 0)
         return ioctl(descriptor, Self.secureDiscardRequest, &range) != 0 && Glibc.errno == EINVAL
     }
@@ -189,6 +249,8 @@ public final class BackingStore: Sendable {
     /// The store's size now, in 512-byte sectors, rounded down to its logical sector size (a
     /// file or device that grew or shrank since it was opened).
     public func currentSectors() throws(BackingStoreError) -> UInt64 {
+        // An NBD export's size is fixed for the life of a connection.
+        guard let descriptor else { return sectors }
         var bytes: UInt64 = 0
         if isBlockDevice {
             guard ioctl(descriptor, 0x8008_1272, &bytes) == 0 else {
@@ -224,7 +286,7 @@ public final class BackingStore: Sendable {
         let store: BackingStore
         switch info.st_mode & S_IFMT {
         case S_IFREG where number == nil:
-            store = BackingStore(path: path, descriptor: descriptor, readOnly: readOnly, isBlockDevice: false,
+            store = BackingStore(path: path, medium: .local(descriptor: descriptor), readOnly: readOnly, isBlockDevice: false,
                                  deviceNumber: nil, sectors: UInt64(info.st_size) / 512,
                                  logicalSectorSize: 512, physicalSectorSize: 512)
         case S_IFBLK:
@@ -242,7 +304,7 @@ public final class BackingStore: Sendable {
             guard logical >= 512, logical.nonzeroBitCount == 1 else {
                 throw BackingStoreError(errno: EINVAL, message: "\(path) reports logical sector size \(logical)")
             }
-            store = BackingStore(path: path, descriptor: descriptor, readOnly: readOnly, isBlockDevice: true,
+            store = BackingStore(path: path, medium: .local(descriptor: descriptor), readOnly: readOnly, isBlockDevice: true,
                                  deviceNumber: device, sectors: bytes / 512, logicalSectorSize: UInt32(logical),
                                  physicalSectorSize: max(physical, UInt32(logical)))
         default:

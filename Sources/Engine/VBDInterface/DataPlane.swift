@@ -80,6 +80,8 @@ public enum IOMode: String, Sendable, Equatable {
     case directCopy = "direct-copy"
     /// Through dom0's page cache, on pages mapped for each request or kept mapped.
     case buffered
+    /// To a network store (NBD) from daemon memory, the guest's pages copied by the hypervisor.
+    case copy
 }
 
 /// The data plane seen from the control plane: maps a frontend's rings and serves them.

@@ -84,6 +84,10 @@ public struct VBDStatistics: Sendable, Equatable {
     public var grantCapCopiedPages: UInt64 = 0
     /// Rings no longer served (their frontend broke the protocol, or their I/O failed): a gauge.
     public var haltedRings: UInt64 = 0
+    /// Rings whose network store (NBD) is lost: their requests wait while it is reconnected
+    /// (a gauge); and the times a lost connection was made again.
+    public var storeWaitingRings: UInt64 = 0
+    public var storeReconnects: UInt64 = 0
     /// Requests QoS held back, and the time they spent held.
     public var delayedRequests: UInt64 = 0
     public var throttledNanoseconds: UInt64 = 0
@@ -109,6 +113,8 @@ public struct VBDStatistics: Sendable, Equatable {
         spuriousEvents &+= other.spuriousEvents
         grantCapCopiedPages &+= other.grantCapCopiedPages
         delayedRequests &+= other.delayedRequests
+        storeWaitingRings &+= other.storeWaitingRings
+        storeReconnects &+= other.storeReconnects
         throttledNanoseconds &+= other.throttledNanoseconds
         for index in latency.indices { latency[index].add(other.latency[index]) }
     }

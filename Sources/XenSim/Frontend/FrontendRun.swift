@@ -37,6 +37,9 @@ public struct FrontendReport: Sendable, Codable {
     public var resizes = 0
     /// Grants the backend still mapped when the frontend exited (their pages were not reused).
     public var grantsStillMapped: Int
+    /// Requests still unanswered when the backend was seen Closed (a backend must answer
+    /// every request before it writes Closed).
+    public var unansweredAtClosed = 0
     public var region: Region
     public var negotiated: NegotiatedDevice?
     /// Why the run ended early, if it did.
@@ -55,7 +58,7 @@ public struct FrontendReport: Sendable, Codable {
     enum CodingKeys: String, CodingKey {
         case workload, bs, qd, ops, reads, writes, flushes, discards, bytes, seconds, iops, mibPerS = "mib_per_s"
         case latUs = "lat_us", errors, verifyFailures = "verify_failures", reconnects, resizes
-        case grantsStillMapped = "grants_still_mapped", region, negotiated, error, interrupted
+        case grantsStillMapped = "grants_still_mapped", unansweredAtClosed = "unanswered_at_closed", region, negotiated, error, interrupted
     }
 
     /// Success: no I/O error, no verification failure, no early end.
@@ -403,8 +406,14 @@ public final class FrontendRun {
         // The backend finishes in-flight I/O before it reaches Closed; its answers still count.
         let deadline = Date().addingTimeInterval(configuration.device.timeout)
         while true {
-            for queue in device.queues { try drain(queue) }
+            // The state before the ring: answers pushed before Closed was written are seen.
             let now = try device.backendState()
+            for queue in device.queues { try drain(queue) }
+            if now == .closed, !inFlight.isEmpty {
+                // blkfront would now take back pages the backend may still be filling.
+                log("backend wrote Closed with \(inFlight.count) request(s) unanswered")
+                report.unansweredAtClosed += inFlight.count
+            }
             if inFlight.isEmpty || now == nil || now == .closed || Date() >= deadline { break }
             var fd = pollfd(fd: device.eventChannels.fileDescriptor, events: Int16(POLLIN), revents: 0)
             _ = poll(&fd, 1, 50)
