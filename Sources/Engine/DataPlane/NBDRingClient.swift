@@ -122,6 +122,8 @@ final class NBDRingClient {
     /// libnbd waits on, fails what waited past the deadline. Returns how long the worker may
     /// sleep before this client has something to do (nil: until an event).
     func prepareToWait(_ uring: IOURing, cancellationTag: UInt64) -> Int? {
+        // Sending a command can find the server gone (the handle dies without a poll firing).
+        collect()
         let now = DispatchTime.now().uptimeNanoseconds
         if lostSince != nil, connection == nil, now >= nextAttempt { startConnecting() }
         if let since = lostSince, !waiting.isEmpty, now &- since >= target.retryNanoseconds {
@@ -139,7 +141,10 @@ final class NBDRingClient {
     }
 
     private func arm(_ uring: IOURing, cancellationTag: UInt64) {
-        let wanted = connection.flatMap { $0.fileDescriptor == nil ? nil : $0.direction } ?? []
+        var wanted = connection.flatMap { $0.fileDescriptor == nil ? nil : $0.direction } ?? []
+        // libnbd's READY state can report no direction with commands in flight; their
+        // answers (or the server's hangup) arrive as readability all the same.
+        if connection?.isReady == true, !inFlight.isEmpty { wanted.insert(.read) }
         if let armed, armed.direction == wanted { return }
         if let armed {
             // Waits for something else now (a full socket, another connection): replace it.
