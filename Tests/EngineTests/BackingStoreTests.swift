@@ -81,6 +81,7 @@ import Testing
                       "nbds+unix:///?socket=/run/nbd.sock&tls-psk-file=/etc/nbd/psk"])
     func nbdURIsAreTakenAsTheyAre(params: String) throws {
         #expect(try BackingSource.params("  \(params)\n") == .nbd(uri: params))
+        #expect(try BackingSource.params("raw:" + params) == .nbd(uri: params), "libxl's FORMAT:TARGET")
     }
 
     /// Nothing listens there: the open fails within its timeout with errno and one line, as a

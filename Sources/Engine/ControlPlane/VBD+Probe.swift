@@ -23,14 +23,18 @@ extension VBD {
             try publishProbeFeatures()
             try watch(backendPath + "/physical-device", .physicalDevice(identity))
             disk.mode = AccessMode(xenstore: try backend("mode") ?? "")
-            // No hotplug script will write physical-device: open params now, and offer the
-            // device once it is open, so a missing file is reported before InitWait and the
-            // toolstack's wait fails fast.
-            if try backend("script") == nil, try backend("physical-device") == nil, let params = try backend("params") {
-                disk.requestedTarget = params
-                let source: BackingSource
-                do { source = try BackingSource.params(params) } catch { throw Self.creatingVBD(error) }
-                return startOpening(source, then: .offer)
+            // No hotplug script will write physical-device (none runs, or the target is a
+            // network store it leaves to us): open params now, and offer the device once it is
+            // open, so a missing file is reported before InitWait and the toolstack's wait
+            // fails fast.
+            if try backend("physical-device") == nil, let params = try backend("params") {
+                let network = if case .nbd? = try? BackingSource.params(params) { true } else { false }
+                if try network || backend("script") == nil {
+                    disk.requestedTarget = params
+                    let source: BackingSource
+                    do { source = try BackingSource.params(params) } catch { throw Self.creatingVBD(error) }
+                    return startOpening(source, then: .offer)
+                }
             }
             try offer()
         } catch {

@@ -53,14 +53,14 @@ public enum BackingSource: Hashable, Sendable, CustomStringConvertible {
     /// nbd+unix:///EXPORT?socket=PATH, and their TLS forms nbds://, nbds+unix://).
     case nbd(uri: String)
 
-    /// Reads a `params` value: an NBD URI as it is; otherwise strips the qdisk/libxl prefixes
-    /// aio:, raw:, file:, phy: and expands a bare device name to /dev/NAME like the block
-    /// hotplug script. Other formats (vhd:, qcow2:, ...) are not raw images and are refused.
+    /// Reads a `params` value: strips the qdisk/libxl prefixes aio:, raw:, file:, phy:; takes
+    /// an NBD URI as it is and expands a bare device name to /dev/NAME like the block hotplug
+    /// script. Other formats (vhd:, qcow2:, ...) are not raw images and are refused.
     public static func params(_ value: String) throws(BackingStoreError) -> BackingSource {
         var rest = Substring(value.trimmingCharacters(in: .whitespacesAndNewlines))
-        if NBDConnection.isURI(rest) { return .nbd(uri: String(rest)) }
         let rawPrefixes = ["aio:", "raw:", "file:", "phy:"]
         while let prefix = rawPrefixes.first(where: { rest.hasPrefix($0) }) { rest = rest.dropFirst(prefix.count) }
+        if NBDConnection.isURI(rest) { return .nbd(uri: String(rest)) }
         if rest.isEmpty { throw BackingStoreError(errno: EINVAL, message: "params '\(value)' names no file or device") }
         if rest.hasPrefix("/") { return .path(String(rest)) }
         if let colon = rest.firstIndex(of: ":") {

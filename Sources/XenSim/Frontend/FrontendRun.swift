@@ -37,9 +37,10 @@ public struct FrontendReport: Sendable, Codable {
     public var resizes = 0
     /// Grants the backend still mapped when the frontend exited (their pages were not reused).
     public var grantsStillMapped: Int
-    /// Requests still unanswered when the backend was seen Closed (a backend must answer
-    /// every request before it writes Closed).
-    public var unansweredAtClosed = 0
+    /// Pages of unanswered requests the backend still had mapped when it was seen Closed: a
+    /// backend must unmap every grant before it writes Closed (requests it never took are
+    /// unanswered too, legitimately, but their pages are not mapped).
+    public var grantsMappedAtClosed = 0
     public var region: Region
     public var negotiated: NegotiatedDevice?
     /// Why the run ended early, if it did.
@@ -58,7 +59,7 @@ public struct FrontendReport: Sendable, Codable {
     enum CodingKeys: String, CodingKey {
         case workload, bs, qd, ops, reads, writes, flushes, discards, bytes, seconds, iops, mibPerS = "mib_per_s"
         case latUs = "lat_us", errors, verifyFailures = "verify_failures", reconnects, resizes
-        case grantsStillMapped = "grants_still_mapped", unansweredAtClosed = "unanswered_at_closed", region, negotiated, error, interrupted
+        case grantsStillMapped = "grants_still_mapped", grantsMappedAtClosed = "grants_mapped_at_closed", region, negotiated, error, interrupted
     }
 
     /// Success: no I/O error, no verification failure, no early end.
@@ -405,24 +406,27 @@ public final class FrontendRun {
         if state != nil { try device.acknowledgeBackendClosing() }
         // The backend finishes in-flight I/O before it reaches Closed; its answers still count.
         let deadline = Date().addingTimeInterval(configuration.device.timeout)
+        var seenClosed = false
         while true {
             // The state before the ring: answers pushed before Closed was written are seen.
             let now = try device.backendState()
             for queue in device.queues { try drain(queue) }
-            if now == .closed, !inFlight.isEmpty {
-                // blkfront would now take back pages the backend may still be filling.
-                log("backend wrote Closed with \(inFlight.count) request(s) unanswered")
-                report.unansweredAtClosed += inFlight.count
-            }
+            seenClosed = now == .closed
             if inFlight.isEmpty || now == nil || now == .closed || Date() >= deadline { break }
             var fd = pollfd(fd: device.eventChannels.fileDescriptor, events: Int16(POLLIN), revents: 0)
             _ = poll(&fd, 1, 50)
             _ = try? device.eventChannels.pending().forEach { try device.eventChannels.unmask($0) }
         }
         // Unanswered requests are re-issued after the reconnect, with fresh grants.
+        let busyBefore = device.pages.busy.count
         for request in inFlight.values.sorted(by: { $0.started > $1.started }) {
             device.pages.release(request.data + request.indirect)
             requeued.append(request.io)
+        }
+        if seenClosed, device.pages.busy.count > busyBefore {
+            // blkfront would now take back pages the backend may still be filling.
+            log("backend wrote Closed with \(device.pages.busy.count - busyBefore) page(s) of unanswered requests still mapped")
+            report.grantsMappedAtClosed += device.pages.busy.count - busyBefore
         }
         inFlight = [:]
         device.releaseRings()
