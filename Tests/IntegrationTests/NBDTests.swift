@@ -173,6 +173,28 @@ final class NBDServer {
         #expect(status == 0 && again["verify_failures"] as? Int == 0, "\(again)")
     }
 
+    /// Two hosts (two simulators, two daemons) and one export: the guest writes every sector
+    /// on host A, its disk is detached there and attached on host B, where every sector
+    /// reads back with host A's stamp.
+    @Test func aGuestMovesBetweenHostsOnOneExport() throws {
+        let hostA = try APIRig("nbd-host-a", attach: false), hostB = try APIRig("nbd-host-b", attach: false)
+        defer { hostA.stop(); hostB.stop() }
+        let server = try NBDServer(.file, in: hostA.sim.directory)
+        for host in [hostA, hostB] { #expect(try host.sim.xensim(["domain", "create"], ["--domid", "1"]).status == 0) }
+
+        #expect(try attach(hostA, server.uri).status == 0)
+        let (wrote, written) = try runGuest(hostA, ["--workload", "write", "--bs", "1M", "--qd", "8", "--max-indirect-segments", "256"])
+        #expect(wrote == 0 && written["bytes"] as? Int == 64 << 20, "host A: \(written)")
+        let detached = try hostA.sim.xensim(["detach"], ["--domid", "1", "--devid", "51712"])
+        #expect(detached.status == 0, "detach on host A: \(detached.stderr)")
+
+        #expect(try attach(hostB, server.uri).status == 0)
+        let (read, report) = try runGuest(hostB, ["--workload", "read", "--bs", "1M", "--qd", "8", "--max-indirect-segments", "256",
+                                                  "--verify-existing"])
+        #expect(read == 0 && report["bytes"] as? Int == 64 << 20, "host B: \(report)")
+        #expect(report["verify_failures"] as? Int == 0 && report["errors"] as? Int == 0, "host B: \(report)")
+    }
+
     /// A server gone for longer than --store-retry-timeout: the waiting requests fail with
     /// an error response, the daemon serves on, and the VBD works again once the server is back.
     @Test func aServerGoneForGoodFailsRequestsAfterTheRetryTimeout() throws {
