@@ -96,6 +96,9 @@ final class SimGrantDomain: @unchecked Sendable {
     private let active: SimSharedFile
     private let memory: Int32
     private let pageCount: UInt32
+    /// The whole guest memory, mapped at the first grant copy: a copy is then a memcpy per
+    /// segment, as GNTTABOP_copy is one hypercall for a batch, not a system call per page.
+    private var copyWindow: UnsafeMutableRawPointer?
     /// flock excludes other processes; the mutex excludes our own threads (flock is per open file).
     private let lock = Mutex(())
     private let ledger: SimSharedFile?
@@ -135,6 +138,7 @@ final class SimGrantDomain: @unchecked Sendable {
 
     /// Every mapping of ours is gone by now (each holds this object): the ledger is empty.
     deinit {
+        if let copyWindow { munmap(copyWindow, Int(pageCount) * SimLayout.pageSize) }
         close(memory)
         if let ledger { unlink(ledger.path) }
     }
@@ -218,6 +222,14 @@ final class SimGrantDomain: @unchecked Sendable {
     func copy(_ direction: GrantCopyDirection, _ segments: [GrantCopySegment], by mapper: UInt16) throws {
         let toGuest = direction == .toGuest
         try locked {
+            if copyWindow == nil {
+                let base = mmap(nil, Int(pageCount) * SimLayout.pageSize, PROT_READ | PROT_WRITE, MAP_SHARED, memory, 0)
+                guard let base, base != MAP_FAILED else {
+                    throw HypervisorError.grantCopyRefused(domain: domain, ref: segments.first?.ref ?? 0,
+                                                           reason: "mapping guest memory: \(HypervisorError.text(Glibc.errno))")
+                }
+                copyWindow = base
+            }
             for segment in segments {
                 let length = Int(segment.length)
                 guard Int(segment.offset) + length <= SimLayout.pageSize else {
@@ -231,11 +243,12 @@ final class SimGrantDomain: @unchecked Sendable {
                     throw HypervisorError.grantCopyRefused(domain: domain, ref: ref, reason: reason)
                 }
                 defer { unpin(segment.ref, writable: toGuest) }
-                let position = off_t(frame) * off_t(SimLayout.pageSize) + off_t(segment.offset)
-                let done = toGuest ? pwrite(memory, segment.local, length, position) : pread(memory, segment.local, length, position)
-                guard done == length else {
-                    throw HypervisorError.grantCopyRefused(domain: domain, ref: segment.ref,
-                                                           reason: "copy failed: \(HypervisorError.text(Glibc.errno))")
+                // pin() checked the frame against the memory's size.
+                let guestBytes = copyWindow! + Int(frame) * SimLayout.pageSize + Int(segment.offset)
+                if toGuest {
+                    guestBytes.copyMemory(from: segment.local, byteCount: length)
+                } else {
+                    segment.local.copyMemory(from: guestBytes, byteCount: length)
                 }
             }
         }
