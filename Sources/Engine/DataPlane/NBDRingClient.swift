@@ -60,7 +60,7 @@ final class NBDRingClient {
     private var armed: (tag: UInt64, direction: NBDDirection)?
     private var pollSequence: UInt64 = 0
     /// Since when no connection is ready (nil while one is); the first connect counts too.
-    private(set) var lostSince: UInt64?
+    private var lostSince: UInt64?
     private var nextAttempt: UInt64 = 0
     private var failedAttempts = 0
     /// A connection was ready once: the next ready one is a reconnect.

@@ -152,9 +152,6 @@ public final class NBDConnection {
     /// The connection failed or was lost; only a new handle connects again.
     public var isDead: Bool { nbd_aio_is_dead(handle) == 1 || nbd_aio_is_closed(handle) == 1 }
 
-    /// Commands issued and not yet retired.
-    public var commandsInFlight: Int { max(0, Int(nbd_aio_in_flight(handle))) }
-
     /// NBD_CMD_READ of `count` bytes at `offset` into `buffer`, which must stay valid until
     /// the command is retired. The command's cookie.
     public func read(into buffer: UnsafeMutableRawPointer, count: Int, offset: UInt64) throws(NBDError) -> UInt64 {
