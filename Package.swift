@@ -43,6 +43,8 @@ let package = Package(
         cLibrary("CJansson", pkgConfig: "jansson", apt: ["libjansson-dev"]),
         cLibrary("CURing", pkgConfig: "liburing", apt: ["liburing-dev"]),
         cLibrary("CNBD", pkgConfig: "libnbd", apt: ["libnbd-dev"]),
+        // Ceph ships no pkg-config file for librados/librbd; the module map links them.
+        .systemLibrary(name: "CRBD", path: "Sources/CRBD", providers: [.apt(["librbd-dev"])]),
         // Engine: the daemon's xen-blkback, in targets along its seams (docs/architecture.md).
         // The control plane and the data plane never import each other; they meet in
         // VBDInterface. The simulator's hypervisor lives outside Engine, in SimHypervisor.
@@ -62,7 +64,9 @@ let package = Package(
         ),
         // An NBD server as a backing store, through libnbd.
         .target(name: "NBD", dependencies: ["CNBD"], path: "Sources/Engine/NBD"),
-        .target(name: "VBDInterface", dependencies: ["Blkif", "Xenbus", "NBD"], path: "Sources/Engine/VBDInterface"),
+        // A Ceph RBD image as a backing store, through librbd.
+        .target(name: "RBD", dependencies: ["CRBD"], path: "Sources/Engine/RBD"),
+        .target(name: "VBDInterface", dependencies: ["Blkif", "Xenbus", "NBD", "RBD"], path: "Sources/Engine/VBDInterface"),
         .target(
             name: "ControlPlane",
             dependencies: ["VBDInterface", "Xenbus", "Blkif", .product(name: "Logging", package: "swift-log")],
@@ -70,7 +74,7 @@ let package = Package(
         ),
         .target(
             name: "DataPlane",
-            dependencies: ["VBDInterface", "Blkif", "Hypervisor", "NBD", "CURing", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["VBDInterface", "Blkif", "Hypervisor", "NBD", "RBD", "CURing", .product(name: "Logging", package: "swift-log")],
             path: "Sources/Engine/DataPlane"
         ),
         .target(
@@ -128,7 +132,7 @@ let package = Package(
         ),
         .testTarget(
             name: "EngineTests",
-            dependencies: ["Engine", "Blkif", "ControlPlane", "DataPlane", "VBDInterface", "Xenbus", "Hypervisor", "SimHypervisor", "CXenBlkif", "CURing"]
+            dependencies: ["Engine", "Blkif", "ControlPlane", "DataPlane", "VBDInterface", "Xenbus", "Hypervisor", "SimHypervisor", "CXenBlkif", "CURing", "RBD"]
         ),
         // What tests of several targets share (they run in one process).
         .target(name: "XenStoreTestSupport", dependencies: ["Xenbus"], path: "Tests/XenStoreTestSupport"),

@@ -13,9 +13,9 @@ started=$(date +%s)
 seconds="${CONTAINER_TEST_SECONDS:-5}"
 sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
 # The tag names what the base holds: a new runtime package needs a new tag.
-base=localhost/blkback-base:bookworm-nbd
+base=localhost/blkback-base:bookworm-rbd
 image=localhost/blkback:test
-runtime_packages="libstdc++6 libxenstore4 libxengnttab1 libxenevtchn1 libmicrohttpd12 libjansson4 liburing2 libnbd0 xenstore-utils"
+runtime_packages="libstdc++6 libxenstore4 libxengnttab1 libxenevtchn1 libmicrohttpd12 libjansson4 liburing2 libnbd0 librbd1 xenstore-utils"
 say() { echo "container-test: $*"; }
 
 missing=()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the build and the tests need; does nothing when they are there.
 set -euo pipefail
-packages=(pkg-config libxen-dev libmicrohttpd-dev libjansson-dev liburing-dev libnbd-dev nbdkit xenstore-utils fio
+packages=(pkg-config libxen-dev libmicrohttpd-dev libjansson-dev liburing-dev libnbd-dev librbd-dev nbdkit xenstore-utils fio
           curl openssl python3 python3-venv)
 missing=()
 for package in "${packages[@]}"; do

@@ -86,14 +86,15 @@ struct BlkbackServer: ParsableCommand {
     var maxGrantsPerDomain: Int = BlkbackDataPlane.defaultMaxGrantsPerDomain
 
     @Option(help: ArgumentHelp("""
-        Seconds an NBD server has to answer when a device is opened; one that does not fails \
-        the device as a missing file would.
+        Seconds an NBD server or Ceph cluster has to answer when a device is opened; one that \
+        does not fails the device as a missing file would.
         """, valueName: "seconds"))
     var storeConnectTimeout: Double = 10
 
     @Option(help: ArgumentHelp("""
-        Seconds requests wait while a lost NBD server is reconnected; then they fail with an \
-        error (reconnecting goes on, and later requests are served once it succeeds).
+        Seconds requests wait while a lost NBD server is reconnected or an RBD image's cluster \
+        does not answer; then they fail with an error (reconnecting goes on, and later \
+        requests are served once it succeeds).
         """, valueName: "seconds"))
     var storeRetryTimeout: Double = BlkbackDataPlane.defaultStoreRetryTimeout
 
@@ -163,11 +164,8 @@ struct BlkbackServer: ParsableCommand {
             domid: domid, kinds: kinds.isEmpty ? ["vbd"] : kinds, maxQueues: maxQueues,
             maxRingPageOrder: maxRingPageOrder, maxIndirectSegments: maxIndirectSegments,
             persistentGrants: persistentGrants, maxPersistentGrants: maxPersistentGrants,
-            storeConnectTimeout: storeConnectTimeout)
+            storeConnectTimeout: storeConnectTimeout, storeRetryTimeout: storeRetryTimeout)
         if let problem = configuration.validationError { fail(problem, code: 2) }
-        guard storeRetryTimeout >= 0, storeRetryTimeout <= 86400 else {
-            fail("--store-retry-timeout must be 0...86400 seconds, got \(storeRetryTimeout)", code: 2)
-        }
         guard (64...1_048_576).contains(maxGrantsPerDomain) else {
             fail("--max-grants-per-domain must be 64...1048576, got \(maxGrantsPerDomain)", code: 2)
         }

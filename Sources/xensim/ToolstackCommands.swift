@@ -49,7 +49,7 @@ struct AttachCommand: ParsableCommand {
     @OptionGroup var simulator: SimulatorOptions
     @Option(help: "The guest domain.") var domid: UInt32
     @Option(help: "The virtual device number (51712 = xvda).") var devid: UInt32
-    @Option(help: "The disk: a regular file, a block device, or an NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH).") var target: String
+    @Option(help: "The disk: a regular file, a block device, an NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH), or a Ceph RBD image (rbd:POOL/IMAGE[@SNAP][:id=USER][:conf=PATH]).") var target: String
     @Option(help: "w (read-write) or r (read-only).") var mode: String = "w"
     @Option(help: "The backend kind (backend/<kind>/...).") var kind: String = "vbd"
     @Flag(help: "Attach as a CD-ROM (device-type=cdrom, removable).") var cdrom = false
@@ -61,7 +61,8 @@ struct AttachCommand: ParsableCommand {
     func run() throws {
         let store = simulator.connectAsDom0()
         // A path is made absolute, as libxl does; a network target goes in as written.
-        let target = self.target.contains("://") ? self.target : URL(fileURLWithPath: self.target).standardizedFileURL.path
+        let network = self.target.contains("://") || self.target.hasPrefix("rbd:")
+        let target = network ? self.target : URL(fileURLWithPath: self.target).standardizedFileURL.path
         try runToolstack {
             try Toolstack(store: store, hypervisor: simulator.layout, log: toolstackLog).attach(.init(
                 domid: domid, devid: devid, target: target, writable: mode == "w", kind: kind, cdrom: cdrom))

@@ -1,6 +1,7 @@
 import Engine
 import Foundation
 import Glibc
+import RBD
 import Testing
 @testable import VBDInterface
 
@@ -94,6 +95,39 @@ import Testing
         } catch {
             #expect(error.errno == ENOENT || error.errno == ECONNREFUSED, "\(error)")
             #expect(error.message.contains("NBD export unreachable") && !error.message.contains("\n"), "\(error.message)")
+        }
+    }
+
+    @Test func rbdImagesAreNamedAsQEMUNamesThem() throws {
+        #expect(try BackingSource.params("rbd:vms/disk1") == .rbd(RBDImageSpec(pool: "vms", image: "disk1")))
+        #expect(try BackingSource.params("raw:rbd:vms/team-a/disk1@monday:id=xen:conf=/etc/ceph/other.conf")
+                == .rbd(RBDImageSpec(pool: "vms", namespace: "team-a", image: "disk1", snapshot: "monday",
+                                     user: "xen", configurationFile: "/etc/ceph/other.conf")))
+        let spec = try RBDImageSpec(parsing: #"rbd:vms/disk1:mon_host=127.0.0.1\:3300:keyring=/k"#)
+        #expect(spec.options == [.init(key: "mon_host", value: "127.0.0.1:3300"), .init(key: "keyring", value: "/k")])
+        #expect(spec.description == "rbd:vms/disk1", "options (which may hold a key) stay out of names and messages")
+    }
+
+    @Test(arguments: ["rbd:", "rbd:vms", "rbd:/disk1", "rbd:vms/", "rbd:vms/disk1@", "rbd:vms/disk1@a@b",
+                      "rbd:a/b/c/d", "rbd:vms/disk1:id", "rbd:vms/disk1:=x", "rbd:vms/disk1:key=SECRET:bogus"])
+    func malformedRBDNamesAreRefused(params: String) {
+        do {
+            _ = try BackingSource.params(params)
+            Issue.record("took \(params)")
+        } catch {
+            #expect(error.errno == EINVAL && !error.message.contains("SECRET"), "\(error.message)")
+        }
+    }
+
+    /// No monitor answers there: the open fails once the connect timeout is over, with one line.
+    @Test func unreachableCephClusterIsAnError() throws {
+        do throws(BackingStoreError) {
+            _ = try BackingStore.open(.rbd(RBDImageSpec(pool: "p", image: "i", options: [.init(key: "mon_host", value: "127.0.0.1:9")])),
+                                      readOnly: false, connectTimeout: 2)
+            Issue.record("opened an image on a cluster that is not there")
+        } catch {
+            #expect(error.errno != 0 && error.message.contains("connecting to the Ceph cluster") && !error.message.contains("\n"),
+                    "\(error.message)")
         }
     }
 

@@ -24,8 +24,12 @@ public struct BackendConfiguration: Sendable, Equatable {
     /// Grants each ring keeps mapped at most with feature-persistent (Linux blkback's
     /// max_persistent_grants, default 1056); requests past it map their pages for themselves.
     public var maxPersistentGrants: Int
-    /// Seconds a network store (NBD) has to answer when a device is opened.
+    /// Seconds a network store (NBD, RBD) has to answer when a device is opened.
     public var storeConnectTimeout: Double
+    /// Seconds an RBD image's commands wait on its cluster before they fail (librados'
+    /// operation timeouts, set when the image is opened; 0 waits forever). The data plane
+    /// keeps the same bound for NBD.
+    public var storeRetryTimeout: Double
 
     /// Linux blkback's default max_persistent_grants.
     public static let defaultMaxPersistentGrants = 1056
@@ -35,8 +39,9 @@ public struct BackendConfiguration: Sendable, Equatable {
     public init(domid: UInt32 = 0, kinds: [String] = ["vbd"], maxQueues: Int = 4, maxRingPageOrder: Int = 4,
                 maxIndirectSegments: Int = 256, persistentGrants: Bool = true,
                 maxPersistentGrants: Int = BackendConfiguration.defaultMaxPersistentGrants,
-                storeConnectTimeout: Double = 10) {
+                storeConnectTimeout: Double = 10, storeRetryTimeout: Double = 60) {
         self.storeConnectTimeout = storeConnectTimeout
+        self.storeRetryTimeout = storeRetryTimeout
         self.domid = domid
         self.kinds = kinds
         self.maxQueues = maxQueues
@@ -64,6 +69,9 @@ public struct BackendConfiguration: Sendable, Equatable {
         }
         if !(storeConnectTimeout > 0 && storeConnectTimeout <= 3600) {
             return "store-connect-timeout \(storeConnectTimeout) is outside (0, 3600] seconds"
+        }
+        if !(storeRetryTimeout >= 0 && storeRetryTimeout <= 86400) {
+            return "store-retry-timeout \(storeRetryTimeout) is outside 0...86400 seconds"
         }
         return nil
     }

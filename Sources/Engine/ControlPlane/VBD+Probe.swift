@@ -28,7 +28,10 @@ extension VBD {
             // open, so a missing file is reported before InitWait and the toolstack's wait
             // fails fast.
             if try backend("physical-device") == nil, let params = try backend("params") {
-                let network = if case .nbd? = try? BackingSource.params(params) { true } else { false }
+                let network = switch try? BackingSource.params(params) {
+                case .nbd?, .rbd?: true
+                default: false
+                }
                 if try network || backend("script") == nil {
                     disk.requestedTarget = params
                     let source: BackingSource
@@ -73,7 +76,7 @@ extension VBD {
             }
             disk.requestedTarget = try backend("params") ?? ""
             // On this thread: the guest's I/O waits for the takeover, and it happens once.
-            try adopt(try Self.open(source, readOnly: disk.mode != .write, connectTimeout: context.configuration.storeConnectTimeout,
+            try adopt(try Self.open(source, readOnly: disk.mode != .write, configuration: context.configuration,
                                     dataPlane: context.dataPlane))
             guard let backingStore = disk.store else { return }
             backendState = .connected
@@ -163,9 +166,9 @@ extension VBD {
     private func startOpening(_ source: BackingSource, then next: AfterOpening) {
         let readOnly = disk.mode != .write
         let dataPlane = context.dataPlane
-        let timeout = context.configuration.storeConnectTimeout
+        let configuration = context.configuration
         let ticket = context.openings.start(identity) {
-            try Self.open(source, readOnly: readOnly, connectTimeout: timeout, dataPlane: dataPlane)
+            try Self.open(source, readOnly: readOnly, configuration: configuration, dataPlane: dataPlane)
         }
         disk.opening = (ticket, next)
     }
@@ -188,11 +191,12 @@ extension VBD {
     }
 
     /// BackingStore.open and DataPlane.prepare: I/O on the store, which may take long.
-    private static func open(_ source: BackingSource, readOnly: Bool, connectTimeout: Double,
+    private static func open(_ source: BackingSource, readOnly: Bool, configuration: BackendConfiguration,
                              dataPlane: (any DataPlane)?) throws -> OpenedStore {
         let store: BackingStore
         do {
-            store = try BackingStore.open(source, readOnly: readOnly, connectTimeout: connectTimeout)
+            store = try BackingStore.open(source, readOnly: readOnly, connectTimeout: configuration.storeConnectTimeout,
+                                          retryTimeout: configuration.storeRetryTimeout)
         } catch {
             throw Self.creatingVBD(error)
         }

@@ -92,6 +92,12 @@ public final class BlkbackDataPlane: DataPlane {
             copyTransient = true
             ioMode = .copy
             access = .nbd(NBDTarget(export: export, retryTimeout: storeRetryTimeout))
+        case (.rbd(let image), _):
+            // As for NBD; librbd copies a write into its own buffers anyway.
+            features = Self.features(ofRBD: store.readOnly, discardEnabled: request.discardEnabled)
+            copyTransient = true
+            ioMode = .copy
+            access = .rbd(image)
         case (.local, nil):
             throw DataPlaneError("the backing store of \(request.vbd) was not prepared for local I/O")
         }
@@ -210,6 +216,17 @@ public final class BlkbackDataPlane: DataPlane {
         if discardEnabled, !readOnly, export.canTrim {
             features.discard = true
             features.discardGranularity = max(512, min(export.preferredBlockSize, 1 << 20))
+        }
+        return features
+    }
+
+    /// An RBD image's operations: flush and barrier, and discard on a writable image, granular
+    /// to the 64 KiB librbd discards whole (rbd_discard_granularity_bytes; it skips the rest).
+    static func features(ofRBD readOnly: Bool, discardEnabled: Bool) -> BlockFeatures {
+        var features = BlockFeatures(flush: true, barrier: true)
+        if discardEnabled, !readOnly {
+            features.discard = true
+            features.discardGranularity = 65536
         }
         return features
     }

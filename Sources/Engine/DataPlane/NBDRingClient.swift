@@ -20,29 +20,7 @@ struct NBDTarget: Sendable {
 /// tag, as local I/O does. A lost connection is made again; the commands it took with it
 /// wait and are sent again, until `retryTimeout` has passed since the loss: from then on they
 /// fail (EIO) while reconnecting goes on, and requests flow again once it succeeds.
-final class NBDRingClient {
-    enum Operation {
-        case read(UnsafeMutableRawPointer, count: Int)
-        case write(UnsafeRawPointer, count: Int)
-        case flush
-        case trim(count: UInt64)
-    }
-
-    /// One NBD command of a request: its completion carries `tag`.
-    struct Command {
-        let tag: UInt64
-        let operation: Operation
-        let offset: UInt64
-
-        /// What a successful completion reports: bytes moved for reads and writes.
-        var successResult: Int32 {
-            switch operation {
-            case .read(_, let count), .write(_, let count): Int32(count)
-            case .flush, .trim: 0
-            }
-        }
-    }
-
+final class NBDRingClient: NetworkStoreClient {
     /// Tags of this client's socket polls in the worker's io_uring: `pollTagBase + sequence`,
     /// far above any request slot's tag.
     static let pollTagBase: UInt64 = 1 << 62
@@ -52,9 +30,9 @@ final class NBDRingClient {
     private let name: String
     private var logger: Logger
     private var connection: NBDConnection?
-    private var inFlight: [UInt64: Command] = [:]
+    private var inFlight: [UInt64: StoreCommand] = [:]
     /// Commands to send once connected, oldest first.
-    private var waiting: [Command] = []
+    private var waiting: [StoreCommand] = []
     private var answered: [IOURing.Completion] = []
     /// The poll armed on the socket: its tag and what it waits for.
     private var armed: (tag: UInt64, direction: NBDDirection)?
@@ -85,7 +63,7 @@ final class NBDRingClient {
     var canFlush: Bool { target.export.info.canFlush }
 
     /// Sends the command now, or keeps it for when the connection is ready.
-    func submit(_ command: Command) {
+    func submit(_ command: StoreCommand) {
         guard let connection, lostSince == nil else {
             return hold(command)
         }
@@ -101,7 +79,7 @@ final class NBDRingClient {
         }
     }
 
-    private func hold(_ command: Command) {
+    private func hold(_ command: StoreCommand) {
         if let since = lostSince, DispatchTime.now().uptimeNanoseconds &- since >= target.retryNanoseconds {
             answered.append(IOURing.Completion(tag: command.tag, result: -EIO, more: false))
         } else {
@@ -109,12 +87,12 @@ final class NBDRingClient {
         }
     }
 
-    private func issue(_ command: Command, on connection: NBDConnection) throws(NBDError) -> UInt64 {
+    private func issue(_ command: StoreCommand, on connection: NBDConnection) throws(NBDError) -> UInt64 {
         switch command.operation {
         case .read(let buffer, let count): try connection.read(into: buffer, count: count, offset: command.offset)
         case .write(let buffer, let count): try connection.write(from: buffer, count: count, offset: command.offset)
         case .flush: try connection.flush()
-        case .trim(let count): try connection.trim(count: count, offset: command.offset)
+        case .discard(let count): try connection.trim(count: count, offset: command.offset)
         }
     }
 

@@ -5,6 +5,7 @@ import Foundation
 import Glibc
 import Hypervisor
 import Logging
+import RBD
 import Synchronization
 import VBDInterface
 
@@ -15,6 +16,8 @@ enum StoreAccess: Sendable {
     case local(descriptor: Int32, isBlockDevice: Bool)
     /// An NBD export, one connection per ring.
     case nbd(NBDTarget)
+    /// An RBD image, open once for all rings of the VBD.
+    case rbd(RBDImage)
 }
 
 /// What every ring of one VBD shares: where its I/O goes, the limits requests are checked
@@ -186,8 +189,8 @@ final class RingWorker: @unchecked Sendable {
     private let device: DeviceContext
     private var ring: BackRing
     private let uring: IOURing
-    /// This ring's connection, for an NBD store.
-    private let nbd: NBDRingClient?
+    /// This ring's client of a network store (NBD, RBD); nil for a local one.
+    private let store: (any NetworkStoreClient)?
     private let wakeup: Int32
     private var logger: Logger
 
@@ -259,10 +262,12 @@ final class RingWorker: @unchecked Sendable {
         freeSlots = Array((0..<Int(shared.size)).reversed())
         self.logger = logger
         self.logger[metadataKey: "queue"] = "\(queue)"
-        if case .nbd(let target) = device.access {
-            nbd = NBDRingClient(target: target, name: "blkback.\(device.domid)-\(queue)", statistics: statistics, logger: self.logger)
-        } else {
-            nbd = nil
+        switch device.access {
+        case .local: store = nil
+        case .nbd(let target):
+            store = NBDRingClient(target: target, name: "blkback.\(device.domid)-\(queue)", statistics: statistics, logger: self.logger)
+        case .rbd(let image):
+            store = RBDRingClient(image: image, wakeup: descriptor, statistics: statistics, logger: self.logger)
         }
     }
 
@@ -332,7 +337,7 @@ final class RingWorker: @unchecked Sendable {
                 let wait = max(1, Int((unmaskAt &- min(unmaskAt, DispatchTime.now().uptimeNanoseconds) + 999_999) / 1_000_000))
                 timeout = min(timeout ?? wait, wait)
             }
-            if let wait = nbd?.prepareToWait(uring, cancellationTag: Self.withdrawnTag) { timeout = min(timeout ?? wait, wait) }
+            if let wait = store?.prepareToWait(uring, cancellationTag: Self.withdrawnTag) { timeout = min(timeout ?? wait, wait) }
             do {
                 try uring.submitAndWait(minimum: busy ? 0 : 1, milliseconds: timeout)
                 submissionBlocked = false
@@ -779,7 +784,7 @@ final class RingWorker: @unchecked Sendable {
     }
 
     private func submitStage(_ index: Int) {
-        if let nbd { return submitStage(index, to: nbd) }
+        if let store { return submitStage(index, to: store) }
         guard case .local(let descriptor, let isBlockDevice) = device.access else { return }
         let slot = slots[index]
         do {
@@ -826,15 +831,15 @@ final class RingWorker: @unchecked Sendable {
         }
     }
 
-    /// The stage as NBD commands: one per contiguous run of the request's memory (its pages
-    /// are copied to daemon memory, so a whole-page request is one run), at most the
-    /// server's largest payload each; discards as trims of at most 1 GiB.
-    private func submitStage(_ index: Int, to nbd: NBDRingClient) {
+    /// The stage as network store commands: one per contiguous run of the request's memory
+    /// (its pages are copied to daemon memory, so a whole-page request is one run), at most
+    /// the store's largest payload each; discards of at most 1 GiB each.
+    private func submitStage(_ index: Int, to store: any NetworkStoreClient) {
         let slot = slots[index]
         let tag = tag(index)
         switch slot.stage {
         case .data:
-            let maxPayload = nbd.maxPayload
+            let maxPayload = store.maxPayload
             var offset = slot.offset
             for vector in 0..<slot.vectorCount {
                 let base = slot.vectors[vector].iov_base!
@@ -842,26 +847,26 @@ final class RingWorker: @unchecked Sendable {
                 var done = 0
                 while done < length {
                     let count = min(maxPayload, length - done)
-                    let operation: NBDRingClient.Operation = slot.isWrite
+                    let operation: StoreCommand.Operation = slot.isWrite
                         ? .write(UnsafeRawPointer(base + done), count: count) : .read(base + done, count: count)
                     slot.outstanding += 1
-                    nbd.submit(.init(tag: tag, operation: operation, offset: offset))
+                    store.submit(.init(tag: tag, operation: operation, offset: offset))
                     done += count
                     offset += UInt64(count)
                 }
             }
         case .flush:
             // A server that takes no flush keeps no write cache (the NBD protocol): nothing to do.
-            guard nbd.canFlush else { return finish(index) }
+            guard store.canFlush else { return finish(index) }
             slot.outstanding += 1
-            nbd.submit(.init(tag: tag, operation: .flush, offset: 0))
+            store.submit(.init(tag: tag, operation: .flush, offset: 0))
         case .discard:
             var offset = slot.offset
             var remaining = slot.discardLength
             while remaining > 0 {
                 let count = min(remaining, 1 << 30)
                 slot.outstanding += 1
-                nbd.submit(.init(tag: tag, operation: .trim(count: count), offset: offset))
+                store.submit(.init(tag: tag, operation: .discard(count: count), offset: offset))
                 offset += count
                 remaining -= count
             }
@@ -873,7 +878,7 @@ final class RingWorker: @unchecked Sendable {
 
     private func reapCompletions() {
         uring.reapCompletions { completed($0) }
-        nbd?.reap { completed($0) }
+        store?.reap { completed($0) }
         if !awaitingCopyOut.isEmpty {
             let refused = copyGrants(.toGuest, of: awaitingCopyOut)
             for index in awaitingCopyOut {
@@ -896,7 +901,7 @@ final class RingWorker: @unchecked Sendable {
         case Self.withdrawnTag:
             return
         case let tag where NBDRingClient.isPollTag(tag):
-            nbd?.pollFired(completion)
+            store?.pollFired(completion)
             return
         default:
             break

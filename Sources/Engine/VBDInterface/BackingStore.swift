@@ -2,6 +2,7 @@ import Blkif
 import Foundation
 import Glibc
 import NBD
+import RBD
 import Xenbus
 
 /// A block device number as physical-device spells it: hex "major:minor" (e.g. "fe:10").
@@ -52,15 +53,22 @@ public enum BackingSource: Hashable, Sendable, CustomStringConvertible {
     /// An NBD export, named by the URI libnbd's nbd_connect_uri takes (nbd://HOST[:PORT]/EXPORT,
     /// nbd+unix:///EXPORT?socket=PATH, and their TLS forms nbds://, nbds+unix://).
     case nbd(uri: String)
+    /// A Ceph RBD image, named as QEMU names it (rbd:POOL/IMAGE[@SNAP][:id=USER][:conf=PATH]).
+    case rbd(RBDImageSpec)
 
     /// Reads a `params` value: strips the qdisk/libxl prefixes aio:, raw:, file:, phy:; takes
-    /// an NBD URI as it is and expands a bare device name to /dev/NAME like the block hotplug
+    /// an NBD URI or an RBD image name as it is and expands a bare device name to /dev/NAME like the block hotplug
     /// script. Other formats (vhd:, qcow2:, ...) are not raw images and are refused.
     public static func params(_ value: String) throws(BackingStoreError) -> BackingSource {
         var rest = Substring(value.trimmingCharacters(in: .whitespacesAndNewlines))
         let rawPrefixes = ["aio:", "raw:", "file:", "phy:"]
         while let prefix = rawPrefixes.first(where: { rest.hasPrefix($0) }) { rest = rest.dropFirst(prefix.count) }
         if NBDConnection.isURI(rest) { return .nbd(uri: String(rest)) }
+        if rest.hasPrefix(RBDImageSpec.prefix) {
+            do { return .rbd(try RBDImageSpec(parsing: rest)) } catch {
+                throw BackingStoreError(errno: error.errno, message: error.message)
+            }
+        }
         if rest.isEmpty { throw BackingStoreError(errno: EINVAL, message: "params '\(value)' names no file or device") }
         if rest.hasPrefix("/") { return .path(String(rest)) }
         if let colon = rest.firstIndex(of: ":") {
@@ -77,6 +85,7 @@ public enum BackingSource: Hashable, Sendable, CustomStringConvertible {
         case .device(let number, _): "physical-device \(number)"
         case .path(let path): path
         case .nbd(let uri): uri
+        case .rbd(let spec): spec.description
         }
     }
 }
@@ -91,7 +100,7 @@ public struct NBDExport: Sendable {
 /// Why a backing store could not be opened: errno plus one line, as the error node takes it.
 public typealias BackingStoreError = XenbusFailure
 
-/// An open backing store: a regular file or block device, or an NBD export. A descriptor
+/// An open backing store: a regular file or block device, an NBD export or an RBD image. A descriptor
 /// stays open until the last reference goes away, so the data plane can finish in-flight I/O
 /// after the control plane has forgotten the device.
 public final class BackingStore: Sendable {
@@ -100,9 +109,11 @@ public final class BackingStore: Sendable {
         /// A regular file or block device, open at `descriptor`.
         case local(descriptor: Int32)
         case nbd(NBDExport)
+        /// Open, with its exclusive lock held when writable, until the store goes away.
+        case rbd(RBDImage)
     }
 
-    /// The file or device path, or the NBD URI.
+    /// The file or device path, the NBD URI, or the RBD image (without its options).
     public let path: String
     public let medium: Medium
     public let readOnly: Bool
@@ -137,9 +148,11 @@ public final class BackingStore: Sendable {
     }
 
     /// Opens the source read-only or read-write (mode "r" / "w"). physical-device must name a
-    /// block device; a params path may be a regular file or a block device; an NBD server
-    /// must answer within `connectTimeout` seconds.
-    public static func open(_ source: BackingSource, readOnly: Bool, connectTimeout: Double = 10) throws(BackingStoreError) -> BackingStore {
+    /// block device; a params path may be a regular file or a block device; an NBD server or
+    /// Ceph cluster must answer within `connectTimeout` seconds. RBD commands that wait on the
+    /// cluster longer than `retryTimeout` seconds fail (the NBD rings keep their own count).
+    public static func open(_ source: BackingSource, readOnly: Bool, connectTimeout: Double = 10,
+                            retryTimeout: Double = 60) throws(BackingStoreError) -> BackingStore {
         switch source {
         case .path(let path):
             return try open(path: path, readOnly: readOnly, expecting: nil)
@@ -147,7 +160,23 @@ public final class BackingStore: Sendable {
             return try openDevice(number, pathHint: hint, readOnly: readOnly)
         case .nbd(let uri):
             return try openNBD(uri, readOnly: readOnly, timeout: connectTimeout)
+        case .rbd(let spec):
+            return try openRBD(spec, readOnly: readOnly, connectTimeout: connectTimeout, retryTimeout: retryTimeout)
         }
+    }
+
+    /// Opens the image and keeps it open (and locked, when writable) for the VBD's life: its
+    /// rings share it. 512-byte sectors; 4 KiB physical sectors, what RADOS writes whole.
+    private static func openRBD(_ spec: RBDImageSpec, readOnly: Bool, connectTimeout: Double,
+                                retryTimeout: Double) throws(BackingStoreError) -> BackingStore {
+        let image: RBDImage
+        do {
+            image = try RBDImage(spec, readOnly: readOnly, connectTimeout: connectTimeout, operationTimeout: retryTimeout)
+        } catch {
+            throw BackingStoreError(errno: error.errno, message: error.message)
+        }
+        return BackingStore(path: spec.description, medium: .rbd(image), readOnly: readOnly, isBlockDevice: false,
+                            deviceNumber: nil, sectors: image.info.size / 512, logicalSectorSize: 512, physicalSectorSize: 4096)
     }
 
     /// Connects once to learn the export's size, flags and block sizes (the rings connect on
@@ -249,7 +278,15 @@ public final class BackingStore: Sendable {
     /// The store's size now, in 512-byte sectors, rounded down to its logical sector size (a
     /// file or device that grew or shrank since it was opened).
     public func currentSectors() throws(BackingStoreError) -> UInt64 {
+        switch medium {
+        case .local: break
         // An NBD export's size is fixed for the life of a connection.
+        case .nbd: return sectors
+        case .rbd(let image):
+            do { return try image.currentSize() / 512 } catch {
+                throw BackingStoreError(errno: error.errno, message: error.message)
+            }
+        }
         guard let descriptor else { return sectors }
         var bytes: UInt64 = 0
         if isBlockDevice {
