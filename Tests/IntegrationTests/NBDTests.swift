@@ -14,14 +14,29 @@ final class NBDServer {
     let plugin: Plugin
     let socket: String
     let image: String
+    /// With TLS required: the pre-shared key file (GnuTLS's "username:hexkey" lines).
+    let pskFile: String?
+    static let pskUser = "blkback"
     private var process: BackgroundProcess?
 
     var uri: String { "nbd+unix:///?socket=\(socket)" }
+    /// The TLS form: the user the key file names, and the file.
+    var tlsURI: String { "nbds+unix://\(Self.pskUser)@/?socket=\(socket)&tls-psk-file=\(pskFile ?? "")" }
 
-    init(_ plugin: Plugin, in directory: URL) throws {
+    init(_ plugin: Plugin, in directory: URL, requireTLS: Bool = false) throws {
         self.plugin = plugin
         socket = directory.appendingPathComponent("nbd.sock").path
         image = directory.appendingPathComponent("export.img").path
+        if requireTLS {
+            let file = directory.appendingPathComponent("nbd.psk").path
+            var generator = SystemRandomNumberGenerator()
+            let key = (0..<32).map { _ in UInt8.random(in: 0...255, using: &generator) }
+            let line = Self.pskUser + ":" + key.map { String(format: "%02x", $0) }.joined() + "\n"
+            #expect(FileManager.default.createFile(atPath: file, contents: Data(line.utf8), attributes: [.posixPermissions: 0o600]))
+            pskFile = file
+        } else {
+            pskFile = nil
+        }
         if plugin == .file {
             #expect(FileManager.default.createFile(atPath: image, contents: nil))
             #expect(truncate(image, 64 << 20) == 0)
@@ -33,8 +48,9 @@ final class NBDServer {
     func start() throws {
         unlink(socket)
         let arguments = plugin == .memory ? ["memory", "size=64M"] : ["file", "file=\(image)"]
+        let tls = pskFile.map { ["--tls=require", "--tls-psk=\($0)"] } ?? []
         let server = try BackgroundProcess(try Harness.which("nbdkit"),
-                                           ["--foreground", "--exit-with-parent", "--unix", socket] + arguments)
+                                           ["--foreground", "--exit-with-parent", "--unix", socket] + tls + arguments)
         process = server
         guard eventually(timeout: 30, { access(socket, F_OK) == 0 || !server.isRunning }), server.isRunning else {
             throw HarnessError("nbdkit did not start: \(server.output)")
@@ -100,6 +116,26 @@ final class NBDServer {
         // Discards reach the server as trims and are answered OK.
         let (status, discarded) = try runGuest(rig, ["--workload", "discard", "--bs", "1M", "--bytes", "\(8 << 20)"])
         #expect(status == 0 && discarded["errors"] as? Int == 0 && discarded["discards"] as? Int == 8, "\(discarded)")
+    }
+
+    /// A server that requires TLS (a pre-shared key): the nbds+unix URI with the key file
+    /// carries verified I/O; the plain URI is refused at attach with an error node.
+    @Test func aServerRequiringTLSIsReachedThroughTheNBDSURI() throws {
+        let rig = try APIRig("nbd-tls", attach: false)
+        defer { rig.stop() }
+        let server = try NBDServer(.memory, in: rig.sim.directory, requireTLS: true)
+        #expect(try rig.sim.xensim(["domain", "create"], ["--domid", "1"]).status == 0)
+        let plain = try attach(rig, server.uri)
+        #expect(plain.status != 0, "a plain connection to a TLS-only server: \(plain.stderr)")
+        let error = try rig.sim.xenstore("xenstore-read", ["/local/domain/0/error/backend/vbd/1/51712/error"]).stdout
+        #expect(error.contains("NBD export unreachable"), "error node: \(error)")
+        #expect(try rig.sim.xensim(["detach"], ["--domid", "1", "--devid", "51712"]).status == 0)
+
+        let attached = try attach(rig, server.tlsURI)
+        #expect(attached.status == 0, "attach over TLS: \(attached.stderr) daemon: \(rig.daemon.output.suffix(2000))")
+        let (status, report) = try runGuest(rig, ["--workload", "verify", "--qd", "16", "--queues", "2", "--seconds", "3"])
+        #expect(status == 0 && report["errors"] as? Int == 0 && report["verify_failures"] as? Int == 0, "\(report)")
+        #expect((report["ops"] as? Int ?? 0) > 0, "\(report)")
     }
 
     /// The server is not there when the device is opened: the toolstack sees the error node,
