@@ -1,4 +1,4 @@
-.PHONY: build test test-repeat tsan demo container-test e2e-xen fuzz
+.PHONY: build test test-repeat tsan demo container-test e2e-xen fuzz ceph-test
 build:
 	swift build
 test:
@@ -21,3 +21,7 @@ e2e-xen:
 # FUZZ_SECONDS (default 60), or FUZZ_RUNS executions each; the corpora in Fuzz/Corpus grow.
 fuzz:
 	scripts/fuzz.sh
+# The RBD tests on a one-host Ceph cluster (mon, mgr, one OSD on a file; loopback only),
+# started and stopped around them (scripts/ceph-cluster.sh; about 15 s to start).
+ceph-test:
+	scripts/ceph-test.sh

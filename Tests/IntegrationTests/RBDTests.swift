@@ -33,8 +33,8 @@ enum CephCluster {
 
     /// The OSD's pid, to freeze it (SIGSTOP) as a partitioned cluster would go silent.
     static func osdPID() throws -> pid_t {
-        let text = try String(contentsOfFile: directory! + "/osd.0.pid", encoding: .utf8)
-        guard let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)) else { throw HarnessError("no pid in osd.0.pid") }
+        let text = try String(contentsOfFile: directory! + "/run/osd.0.pid", encoding: .utf8)
+        guard let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)) else { throw HarnessError("no pid in run/osd.0.pid") }
         return pid
     }
 }

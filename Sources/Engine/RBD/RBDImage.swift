@@ -66,27 +66,24 @@ public final class RBDImage: @unchecked Sendable {
             rados_ioctx_destroy(pool)
             throw fail(status, "opening RBD image \(spec)")
         }
+        var stat = rbd_image_info_t()
+        var features: UInt64 = 0
+        status = rbd_stat(image, &stat, MemoryLayout<rbd_image_info_t>.size)
+        if status == 0 { status = rbd_get_features(image, &features) }
+        guard status == 0 else {
+            rbd_close(image)
+            rados_ioctx_destroy(pool)
+            throw fail(status, "reading the size and features of \(spec)")
+        }
         self.spec = spec
         self.readOnly = readOnly
         self.cluster = cluster
         self.pool = pool
         self.image = image
-        do throws(RBDError) {
-            var stat = rbd_image_info_t()
-            status = rbd_stat(image, &stat, MemoryLayout<rbd_image_info_t>.size)
-            guard status == 0 else { throw RBDError(returned: status, "reading the size of \(spec)") }
-            var features: UInt64 = 0
-            status = rbd_get_features(image, &features)
-            guard status == 0 else { throw RBDError(returned: status, "reading the features of \(spec)") }
-            info = RBDImageInfo(size: stat.size, objectSize: stat.obj_size,
-                                hasExclusiveLock: features & UInt64(RBD_FEATURE_EXCLUSIVE_LOCK) != 0)
-            if !readOnly { try acquireExclusiveLock() }
-        } catch {
-            rbd_close(image)
-            rados_ioctx_destroy(pool)
-            rados_shutdown(cluster)
-            throw error
-        }
+        info = RBDImageInfo(size: stat.size, objectSize: stat.obj_size,
+                            hasExclusiveLock: features & UInt64(RBD_FEATURE_EXCLUSIVE_LOCK) != 0)
+        // Fully initialized from here: a throw runs deinit, which closes everything.
+        if !readOnly { try acquireExclusiveLock() }
     }
 
     deinit {
