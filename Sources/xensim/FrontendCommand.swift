@@ -67,6 +67,8 @@ struct FrontendCommand: ParsableCommand {
     var reconnect = true
     @Option(help: "Seconds to wait for each backend step while connecting.") var timeout: Double = 10
     @Option(help: "Seconds to wait for the backend to come back after it closed.") var reconnectTimeout: Double = 60
+    @Option(help: "Seconds without any answer, with requests in flight, before the run fails (Linux blkfront waits forever).")
+    var responseTimeout: Double = 30
 
     @Flag(help: "Print one JSON object instead of a summary.") var json = false
 
@@ -81,7 +83,7 @@ struct FrontendCommand: ParsableCommand {
         if let seconds { guard seconds > 0 else { throw ValidationError("--seconds must be positive") } }
         guard (1...100).contains(readPercent) else { throw ValidationError("--read-percent must be within 1...100") }
         guard flushEvery >= 0 else { throw ValidationError("--flush-every must be 0 or more") }
-        guard timeout > 0, reconnectTimeout > 0 else { throw ValidationError("timeouts must be positive") }
+        guard timeout > 0, reconnectTimeout > 0, responseTimeout > 0 else { throw ValidationError("timeouts must be positive") }
         let blockSize = try size(bs, "--bs")
         guard blockSize > 0, blockSize % 512 == 0, blockSize <= UInt64(Blkif.maxIndirectSegments * Blkif.pageSize) else {
             throw ValidationError("--bs must be a multiple of 512 up to \(Blkif.maxIndirectSegments * Blkif.pageSize)")
@@ -132,6 +134,7 @@ struct FrontendCommand: ParsableCommand {
         configuration.device.timeout = timeout
         configuration.reconnect = reconnect
         configuration.reconnectTimeout = reconnectTimeout
+        configuration.responseTimeout = responseTimeout
 
         let frontendRun: FrontendRun
         do {

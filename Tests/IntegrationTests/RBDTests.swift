@@ -154,6 +154,33 @@ struct RBDTests {
         #expect(read == 0 && report["verify_failures"] as? Int == 0 && report["bytes"] as? Int == 64 << 20, "\(report)")
     }
 
+    /// A restart (SIGTERM, planned) or a crash (SIGKILL) of the daemon mid-workload: the next
+    /// daemon takes the rings over and the image with them; the guest, which never
+    /// reconnects, sees a pause and no error. After a crash the image's lock is held by a
+    /// client that is gone; Ceph breaks it once that client's watch times out (about 30 s).
+    @Test(arguments: [SIGTERM, SIGKILL])
+    func theNextDaemonTakesTheImageOver(signal: Int32) throws {
+        let image = try CephCluster.createImage("takeover")
+        defer { CephCluster.removeImage(image) }
+        let rig = try DaemonRig("rbd-takeover")
+        defer { rig.stop() }
+        try rig.attach(domid: 1, disk: CephCluster.target(image))
+        // Linux blkfront waits for answers as long as it takes; the simulated one gives up
+        // after --response-timeout, which must outlast Ceph's watch timeout.
+        let guest = try rig.guest(["--workload", "randrw", "--size", "4M", "--qd", "32", "--flush-every", "64",
+                                   "--seconds", "10", "--no-reconnect", "--response-timeout", "120"])
+        #expect(try rig.waitForBackend("4"), "never Connected: \(rig.daemon.output) \(guest.output)")
+        #expect(try eventually { try rig.read(DaemonRig.frontend + "/state") == "4" })
+        usleep(1_000_000)   // mid-workload
+
+        _ = rig.signalDaemon(signal)
+        rig.daemon = try DaemonRig.startDaemon(rig.sim)
+        #expect(guest.wait(timeout: 200) == 0, "guest: \(guest.output.suffix(1500)) daemon: \(rig.daemon.output.suffix(3000))")
+        #expect(rig.daemon.output.contains("took over the connected device"), "\(rig.daemon.output.suffix(3000))")
+        let report = DaemonRig.report(guest.output)
+        #expect(report["errors"] as? Int == 0 && report["verify_failures"] as? Int == 0 && report["reconnects"] as? Int == 0, "\(report)")
+    }
+
     /// The cluster goes silent mid-I/O (its only OSD frozen, as a partition would leave it):
     /// requests wait, the metrics name the waiting VBD, and once the OSD answers again
     /// every request completes and nothing acknowledged is lost.

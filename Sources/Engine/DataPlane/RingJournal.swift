@@ -180,9 +180,11 @@ final class RingJournal {
             let entry = slotPointer(slot)
             let ringIndex = entry.load(fromByteOffset: 4, as: UInt32.self)
             let request = BlkifRequest(decoding: entry + Self.requestOffset, layout: layout)
-            // Taken before req_cons was recorded (the ring still holds it), or answered and
-            // published: nothing owed.
-            let owed = consumer &- ringIndex &- 1 < ring.size
+            // Owed when taken before req_cons: a request taken but not yet counted in req_cons
+            // is taken from the ring again. Not "within the last ring-size": answers come out
+            // of order, so one slow request (a flush, a lost network store) stays in flight
+            // while any number of later ones are taken and answered.
+            let owed = consumer &- ringIndex &- 1 < 1 << 31
             switch SlotState(rawValue: entry.load(as: UInt32.self)) {
             case .taken? where owed:
                 unanswered.append((slot, ringIndex, request))
@@ -203,6 +205,10 @@ final class RingJournal {
         guard unpublished.count == Int(written &- shown),
               unpublished.enumerated().allSatisfy({ $0.element.0 == shown &+ UInt32($0.offset) }) else {
             throw Refusal(description: "\(path): the responses written after rsp_prod \(shown) are not all recorded")
+        }
+        // Every request taken and not answered is recorded, or the guest would wait forever.
+        guard unanswered.count == Int(consumer &- written) else {
+            throw Refusal(description: "\(path): \(consumer &- written) request(s) taken and unanswered, \(unanswered.count) recorded")
         }
         unanswered.sort { $0.ringIndex &- consumer < $1.ringIndex &- consumer }
         storeIndex(1, shown)
