@@ -46,6 +46,9 @@ nbd)
 rbd)
     scripts/ceph-cluster.sh start "$data/ceph" >/dev/null
     export CEPH_CONF="$data/ceph/ceph.conf"
+    # The daemon runs librbd without its cache (a crash must not lose acknowledged writes);
+    # fio gets the same.
+    ceph config set client rbd_cache false
     rbd create --size 1G blkback/bench
     target="rbd:blkback/bench"
     fio_target=(--ioengine=rbd --clientname=admin --pool=blkback --rbdname=bench)

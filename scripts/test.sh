@@ -7,6 +7,9 @@ swift build
 swift test --parallel "$@"
 # The HTTP API against openapi.yaml (schemathesis) and /metrics against the stats endpoint.
 scripts/api-conformance.sh
+# The RBD tests on a one-host Ceph cluster (Debian's ceph-mon/-osd/-mgr, loopback only; about
+# 3 min with the install); BLKBACK_CEPH_TEST=0 skips them.
+if [ "${BLKBACK_CEPH_TEST:-1}" = 1 ]; then scripts/ceph-test.sh; fi
 # The fuzz targets still build, and every input of their corpora still passes (no fuzzing).
 FUZZ_REGRESS=1 scripts/fuzz.sh
 # Opt-in: the runtime image built with podman from host binaries, running the demo.

@@ -44,12 +44,17 @@ public final class RBDImage: @unchecked Sendable {
         }
         status = rados_conf_parse_env(cluster, nil)
         guard status == 0 else { throw fail(status, "reading CEPH_ARGS") }
-        let timeouts = [
+        let settings = [
+            // No client-side cache: librbd's (writearound, or writeback after the first
+            // flush) answers writes it holds only in this process, and the daemon can crash
+            // while its guest runs on: acknowledged writes would be lost under a live guest.
+            RBDImageSpec.Option(key: "rbd_cache", value: "false"),
             RBDImageSpec.Option(key: "client_mount_timeout", value: "\(max(1, Int(connectTimeout.rounded(.up))))"),
             RBDImageSpec.Option(key: "rados_mon_op_timeout", value: "\(Int(operationTimeout.rounded(.up)))"),
             RBDImageSpec.Option(key: "rados_osd_op_timeout", value: "\(Int(operationTimeout.rounded(.up)))"),
         ]
-        for option in timeouts + spec.options {
+        // Ours last: they hold whatever the target names.
+        for option in spec.options + settings {
             status = rados_conf_set(cluster, option.key, option.value)
             guard status == 0 else { throw fail(status, "setting Ceph option \(option.key) for \(spec)") }
         }
