@@ -43,6 +43,10 @@ final class NBDRingClient: NetworkStoreClient {
     private var failedAttempts = 0
     /// A connection was ready once: the next ready one is a reconnect.
     private var everConnected = false
+    /// The last answer, or the first command after an idle spell: commands in flight with
+    /// no answer for a second get their socket polled anew (`recheck`).
+    private var lastProgress: UInt64 = 0
+    private var recheckedAt: UInt64 = 0
     private let statistics: RingStatistics
 
     init(target: NBDTarget, name: String, statistics: RingStatistics, logger: Logger) {
@@ -68,6 +72,7 @@ final class NBDRingClient: NetworkStoreClient {
             return hold(command)
         }
         do {
+            if inFlight.isEmpty { lastProgress = DispatchTime.now().uptimeNanoseconds }
             inFlight[try issue(command, on: connection)] = command
         } catch {
             if connection.isDead {
@@ -109,9 +114,13 @@ final class NBDRingClient: NetworkStoreClient {
             for command in waiting { answered.append(IOURing.Completion(tag: command.tag, result: -EIO, more: false)) }
             waiting.removeAll()
         }
+        if lostSince == nil, !inFlight.isEmpty, now &- max(lastProgress, recheckedAt) >= 1_000_000_000 {
+            recheck(uring, cancellationTag: cancellationTag)
+        }
         arm(uring, cancellationTag: cancellationTag)
         if !answered.isEmpty { return 0 }
-        guard let since = lostSince else { return nil }
+        // Never asleep for good with commands out: a poll that did not fire is made again.
+        guard let since = lostSince else { return inFlight.isEmpty ? nil : 1000 }
         var due = connection == nil ? nextAttempt : UInt64.max
         if !waiting.isEmpty { due = min(due, since &+ target.retryNanoseconds) }
         guard due != UInt64.max else { return nil }
@@ -140,6 +149,27 @@ final class NBDRingClient: NetworkStoreClient {
         }
     }
 
+    /// Commands in flight and no answer for a second: a healthy server answers long before,
+    /// so the socket is read again and polled anew, in case a wakeup went missing (the
+    /// server itself being slow costs one recv). Once seen mid-benchmark as a guest waiting
+    /// 30 s on 32 writes.
+    private func recheck(_ uring: IOURing, cancellationTag: UInt64) {
+        let firstInThisStall = recheckedAt <= lastProgress
+        recheckedAt = DispatchTime.now().uptimeNanoseconds
+        guard let connection else { return }
+        logger.log(level: firstInThisStall ? .warning : .debug, "NBD server \(target.uri): \(inFlight.count) command(s) unanswered for 1 s; polling the socket anew (libnbd waits for \(connection.direction.rawValue), poll armed for \(armed?.direction.rawValue ?? 0))")
+        if let armed {
+            try? uring.cancelPoll(tag: armed.tag, reportingAs: cancellationTag)
+            self.armed = nil
+        }
+        do {
+            try connection.notify(connection.direction.union(.read))
+        } catch {
+            logger.debug("NBD socket: \(error)")
+        }
+        collect()
+    }
+
     /// A poll of this client's fired (or was cancelled).
     func pollFired(_ completion: IOURing.Completion) {
         guard let armed, completion.tag == armed.tag else { return }   // a replaced poll
@@ -162,6 +192,7 @@ final class NBDRingClient: NetworkStoreClient {
         guard let connection else { return }
         while let (cookie, error) = connection.retireCompleted() {
             guard let command = inFlight.removeValue(forKey: cookie) else { continue }
+            lastProgress = DispatchTime.now().uptimeNanoseconds
             if error != 0, connection.isDead {
                 waiting.append(command)   // lost with the connection: sent again on the next
             } else {
