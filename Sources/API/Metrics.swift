@@ -33,7 +33,7 @@ public enum MetricsExposition {
         Counter(name: "blkback_request_errors_total", help: "Requests answered with an error status since connect.") { $0.errors },
         Counter(name: "blkback_qos_delayed_requests_total", help: "Requests held back by the VBD's QoS limits since connect.") { $0.delayedRequests },
         Counter(name: "blkback_grant_cap_copied_pages_total", help: "Data pages copied rather than mapped because the guest was at its grant cap (--max-grants-per-domain).") { $0.grantCapCopiedPages },
-        Counter(name: "blkback_store_reconnects_total", help: "Times a lost connection to the VBD's network store (NBD) was made again.") { $0.storeReconnects },
+        Counter(name: "blkback_store_reconnects_total", help: "Times a lost connection to the VBD's NBD server was made again.") { $0.storeReconnects },
         Counter(name: "blkback_spurious_events_total", help: "Frontend notifications that found no request and left its event channel masked for a while (XSA-332).") { $0.spuriousEvents },
     ]
 
@@ -67,7 +67,7 @@ public enum MetricsExposition {
         }
         family("blkback_halted_rings", "gauge", "Rings no longer served: their frontend broke the protocol or their I/O failed.")
         for (_, labels, statistics) in devices { sample("blkback_halted_rings", labels, String(statistics.haltedRings)) }
-        family("blkback_store_waiting_rings", "gauge", "Rings whose network store (NBD) is lost: their requests wait while it is reconnected.")
+        family("blkback_store_waiting_rings", "gauge", "Rings whose network store is lost (NBD server reconnecting, Ceph cluster silent for 5 s): their requests wait.")
         for (_, labels, statistics) in devices { sample("blkback_store_waiting_rings", labels, String(statistics.storeWaitingRings)) }
         family("blkback_persistent_grants", "gauge", "Guest grants kept mapped across requests (feature-persistent), over the rings.")
         for (_, labels, statistics) in devices { sample("blkback_persistent_grants", labels, String(statistics.persistentGrants)) }

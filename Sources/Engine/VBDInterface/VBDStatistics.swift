@@ -84,8 +84,9 @@ public struct VBDStatistics: Sendable, Equatable {
     public var grantCapCopiedPages: UInt64 = 0
     /// Rings no longer served (their frontend broke the protocol, or their I/O failed): a gauge.
     public var haltedRings: UInt64 = 0
-    /// Rings whose network store (NBD) is lost: their requests wait while it is reconnected
-    /// (a gauge); and the times a lost connection was made again.
+    /// Rings whose network store is lost (an NBD server being reconnected, a Ceph cluster
+    /// silent for 5 s): their requests wait (a gauge); and the times a lost NBD connection
+    /// was made again.
     public var storeWaitingRings: UInt64 = 0
     public var storeReconnects: UInt64 = 0
     /// Requests QoS held back, and the time they spent held.
