@@ -5,18 +5,7 @@
 #   scripts/ceph-test.sh [swift test options]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-packages=(ceph-mon ceph-osd ceph-mgr ceph-common librbd-dev)
-missing=()
-for package in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    echo "ceph-test: installing ${missing[*]}"
-    $sudo apt-get update -q
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
-scripts/install-deps.sh
+scripts/install-deps.sh ceph-mon ceph-osd ceph-mgr ceph-common
 swift build --build-tests
 cluster=$(mktemp -d /tmp/blkback-ceph.XXXXXX)
 cleanup() {

@@ -70,6 +70,13 @@ final class APIRig: @unchecked Sendable {
 
     var base: String { "\(scheme)://127.0.0.1:\(port)" }
 
+    /// Runs domain 1's frontend to its end (`arguments`: the workload); its exit status and
+    /// JSON report.
+    func runFrontend(_ arguments: [String], timeout: TimeInterval = 180) throws -> (Int32, [String: Any]) {
+        let result = try sim.xensim(["frontend"], ["--domid", "1", "--devid", "51712", "--json"] + arguments, timeout: timeout)
+        return (result.status, DaemonRig.report(result.stdout))
+    }
+
     /// Starts the guest's blkfront with a verified random read/write workload (`extra`: more
     /// of `xensim frontend`'s options).
     func startGuest(seconds: Int = 120, _ extra: [String] = []) throws {

@@ -72,14 +72,6 @@ final class NBDServer {
     /// The neighbour: a local file in another guest (one guest is one frontend process).
     static let other = "/v1/vbds/2/51712"
 
-    /// The guest's verified workload in the foreground; its JSON report.
-    private func runGuest(_ rig: APIRig, _ arguments: [String]) throws -> (Int32, [String: Any]) {
-        let result = try rig.sim.xensim(["frontend"], ["--domid", "1", "--devid", "51712", "--json"] + arguments, timeout: 120)
-        let line = result.stdout.split(separator: "\n").last { $0.hasPrefix("{") }
-        let report = line.flatMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] } ?? [:]
-        return (result.status, report)
-    }
-
     private func attach(_ rig: APIRig, domid: Int = 1, _ target: String) throws -> Harness.Result {
         try rig.sim.xensim(["attach"], ["--domid", "\(domid)", "--devid", "51712", "--target", target])
     }
@@ -107,14 +99,13 @@ final class NBDServer {
         let features = connected?["features"] as? [String: Bool]
         #expect(features?["flush"] == true && features?["discard"] == true, "nbdkit's \(plugin) plugin trims: \(String(describing: features))")
         #expect(guest.wait(timeout: 90) == 0, "guest: \(guest.output)")
-        let line = guest.output.split(separator: "\n").last { $0.hasPrefix("{") }
-        let report = line.flatMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
-        #expect(report?["errors"] as? Int == 0 && report?["verify_failures"] as? Int == 0, "\(String(describing: report))")
-        #expect((report?["ops"] as? Int ?? 0) > 0)
-        #expect((report?["negotiated"] as? [String: Any])?["queues"] as? Int == 2)
+        let report = DaemonRig.report(guest.output)
+        #expect(report["errors"] as? Int == 0 && report["verify_failures"] as? Int == 0, "\(report)")
+        #expect((report["ops"] as? Int ?? 0) > 0)
+        #expect((report["negotiated"] as? [String: Any])?["queues"] as? Int == 2)
 
         // Discards reach the server as trims and are answered OK.
-        let (status, discarded) = try runGuest(rig, ["--workload", "discard", "--bs", "1M", "--bytes", "\(8 << 20)"])
+        let (status, discarded) = try rig.runFrontend(["--workload", "discard", "--bs", "1M", "--bytes", "\(8 << 20)"])
         #expect(status == 0 && discarded["errors"] as? Int == 0 && discarded["discards"] as? Int == 8, "\(discarded)")
     }
 
@@ -133,7 +124,7 @@ final class NBDServer {
 
         let attached = try attach(rig, server.tlsURI)
         #expect(attached.status == 0, "attach over TLS: \(attached.stderr) daemon: \(rig.daemon.output.suffix(2000))")
-        let (status, report) = try runGuest(rig, ["--workload", "verify", "--qd", "16", "--queues", "2", "--seconds", "3"])
+        let (status, report) = try rig.runFrontend(["--workload", "verify", "--qd", "16", "--queues", "2", "--seconds", "3"])
         #expect(status == 0 && report["errors"] as? Int == 0 && report["verify_failures"] as? Int == 0, "\(report)")
         #expect((report["ops"] as? Int ?? 0) > 0, "\(report)")
     }
@@ -200,12 +191,11 @@ final class NBDServer {
         for (name, process) in [("over NBD", overNBD), ("beside", beside)] {
             // Ended as an operator would (SIGINT): its report comes out, exit 0 without errors.
             #expect(process.stop(signal: SIGINT, grace: 30) == 0, "\(name): \(process.output.suffix(1500))")
-            let line = process.output.split(separator: "\n").last { $0.hasPrefix("{") }
-            let report = line.flatMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
-            #expect(report?["errors"] as? Int == 0 && report?["verify_failures"] as? Int == 0, "\(name): \(String(describing: report))")
+            let report = DaemonRig.report(process.output)
+            #expect(report["errors"] as? Int == 0 && report["verify_failures"] as? Int == 0, "\(name): \(report)")
         }
         // Everything the guest wrote is in the export: a fresh pass reads it back verified.
-        let (status, again) = try runGuest(rig, ["--workload", "verify", "--seconds", "2"])
+        let (status, again) = try rig.runFrontend(["--workload", "verify", "--seconds", "2"])
         #expect(status == 0 && again["verify_failures"] as? Int == 0, "\(again)")
     }
 
@@ -219,13 +209,13 @@ final class NBDServer {
         for host in [hostA, hostB] { #expect(try host.sim.xensim(["domain", "create"], ["--domid", "1"]).status == 0) }
 
         #expect(try attach(hostA, server.uri).status == 0)
-        let (wrote, written) = try runGuest(hostA, ["--workload", "write", "--bs", "1M", "--qd", "8", "--max-indirect-segments", "256"])
+        let (wrote, written) = try hostA.runFrontend(["--workload", "write", "--bs", "1M", "--qd", "8", "--max-indirect-segments", "256"])
         #expect(wrote == 0 && written["bytes"] as? Int == 64 << 20, "host A: \(written)")
         let detached = try hostA.sim.xensim(["detach"], ["--domid", "1", "--devid", "51712"])
         #expect(detached.status == 0, "detach on host A: \(detached.stderr)")
 
         #expect(try attach(hostB, server.uri).status == 0)
-        let (read, report) = try runGuest(hostB, ["--workload", "read", "--bs", "1M", "--qd", "8", "--max-indirect-segments", "256",
+        let (read, report) = try hostB.runFrontend(["--workload", "read", "--bs", "1M", "--qd", "8", "--max-indirect-segments", "256",
                                                   "--verify-existing"])
         #expect(read == 0 && report["bytes"] as? Int == 64 << 20, "host B: \(report)")
         #expect(report["verify_failures"] as? Int == 0 && report["errors"] as? Int == 0, "host B: \(report)")
@@ -251,7 +241,7 @@ final class NBDServer {
 
         try server.start()
         #expect(try eventually { try rig.stats()["store_waiting_rings"] == 0 })
-        let (status, report) = try runGuest(rig, ["--workload", "randrw", "--seconds", "2"])
+        let (status, report) = try rig.runFrontend(["--workload", "randrw", "--seconds", "2"])
         #expect(status == 0 && report["errors"] as? Int == 0, "\(report)")
     }
 }

@@ -44,18 +44,17 @@ enum CephCluster {
 @Suite(.enabled(if: CephCluster.directory != nil, "needs the cluster of make ceph-test (BLKBACK_CEPH_DIR)"),
        .timeLimit(.minutes(5)), .serialized)
 struct RBDTests {
-    private func runGuest(_ rig: APIRig, _ arguments: [String]) throws -> (Int32, [String: Any]) {
-        let result = try rig.sim.xensim(["frontend"], ["--domid", "1", "--devid", "51712", "--json"] + arguments, timeout: 180)
-        return (result.status, Self.report(result.stdout))
-    }
-
-    static func report(_ output: String) -> [String: Any] {
-        let line = output.split(separator: "\n").last { $0.hasPrefix("{") }
-        return line.flatMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] } ?? [:]
-    }
-
     private func attach(_ rig: APIRig, _ target: String, mode: String = "w") throws -> Harness.Result {
         try rig.sim.xensim(["attach"], ["--domid", "1", "--devid", "51712", "--target", target, "--mode", mode])
+    }
+
+    /// A host with domain 1 and `image` attached writable.
+    private func hostWithImage(_ label: String, _ image: String) throws -> APIRig {
+        let rig = try APIRig(label, attach: false)
+        #expect(try rig.sim.xensim(["domain", "create"], ["--domid", "1"]).status == 0)
+        let attached = try attach(rig, CephCluster.target(image))
+        #expect(attached.status == 0, "attach: \(attached.stderr) daemon: \(rig.daemon.output.suffix(2000))")
+        return rig
     }
 
     private func errorNode(_ rig: APIRig) throws -> String {
@@ -65,11 +64,8 @@ struct RBDTests {
     @Test func aGuestVerifiesEverySectorItWroteThroughRBD() throws {
         let image = try CephCluster.createImage("verify")
         defer { CephCluster.removeImage(image) }
-        let rig = try APIRig("rbd-verify", attach: false)
+        let rig = try hostWithImage("rbd-verify", image)
         defer { rig.stop() }
-        #expect(try rig.sim.xensim(["domain", "create"], ["--domid", "1"]).status == 0)
-        let attached = try attach(rig, CephCluster.target(image))
-        #expect(attached.status == 0, "attach: \(attached.stderr) daemon: \(rig.daemon.output.suffix(2000))")
         let vbd = try rig.get(APIRig.vbd).json
         #expect(vbd?["target"] as? String == "rbd:\(CephCluster.pool)/\(image)", "named without its options")
         #expect(vbd?["sectors"] as? Int == (64 << 20) / 512, "the size comes from the image")
@@ -85,14 +81,14 @@ struct RBDTests {
         let features = connected?["features"] as? [String: Bool]
         #expect(features?["flush"] == true && features?["discard"] == true, "\(String(describing: features))")
         #expect(guest.wait(timeout: 120) == 0, "guest: \(guest.output.suffix(2000))")
-        let report = Self.report(guest.output)
+        let report = DaemonRig.report(guest.output)
         #expect(report["errors"] as? Int == 0 && report["verify_failures"] as? Int == 0, "\(report)")
         #expect((report["ops"] as? Int ?? 0) > 0 && (report["negotiated"] as? [String: Any])?["queues"] as? Int == 2, "\(report)")
 
         // Discards go to librbd and are answered OK; a second pass still verifies.
-        let (status, discarded) = try runGuest(rig, ["--workload", "discard", "--bs", "1M", "--bytes", "\(8 << 20)"])
+        let (status, discarded) = try rig.runFrontend(["--workload", "discard", "--bs", "1M", "--bytes", "\(8 << 20)"])
         #expect(status == 0 && discarded["errors"] as? Int == 0 && discarded["discards"] as? Int == 8, "\(discarded)")
-        let (again, verified) = try runGuest(rig, ["--workload", "verify", "--seconds", "2"])
+        let (again, verified) = try rig.runFrontend(["--workload", "verify", "--seconds", "2"])
         #expect(again == 0 && verified["errors"] as? Int == 0 && verified["verify_failures"] as? Int == 0, "\(verified)")
     }
 
@@ -115,14 +111,14 @@ struct RBDTests {
         #expect(try hostB.get("/healthz").status == 200)
         #expect(try hostB.sim.xensim(["detach"], ["--domid", "1", "--devid", "51712"]).status == 0)
 
-        let (wrote, written) = try runGuest(hostA, ["--workload", "write", "--bs", "1M", "--qd", "8", "--max-indirect-segments", "256"])
+        let (wrote, written) = try hostA.runFrontend(["--workload", "write", "--bs", "1M", "--qd", "8", "--max-indirect-segments", "256"])
         #expect(wrote == 0 && written["bytes"] as? Int == 64 << 20, "host A: \(written)")
         let detached = try hostA.sim.xensim(["detach"], ["--domid", "1", "--devid", "51712"])
         #expect(detached.status == 0, "detach on host A: \(detached.stderr)")
 
         let attached = try attach(hostB, target)
         #expect(attached.status == 0, "host B once A let go: \(attached.stderr) \(hostB.daemon.output.suffix(2000))")
-        let (read, report) = try runGuest(hostB, ["--workload", "read", "--bs", "1M", "--qd", "8", "--max-indirect-segments", "256",
+        let (read, report) = try hostB.runFrontend(["--workload", "read", "--bs", "1M", "--qd", "8", "--max-indirect-segments", "256",
                                                   "--verify-existing"])
         #expect(read == 0 && report["bytes"] as? Int == 64 << 20, "host B: \(report)")
         #expect(report["verify_failures"] as? Int == 0 && report["errors"] as? Int == 0, "host B: \(report)")
@@ -133,11 +129,9 @@ struct RBDTests {
     @Test func aSnapshotIsServedReadOnly() throws {
         let image = try CephCluster.createImage("snap")
         defer { CephCluster.removeImage(image) }
-        let rig = try APIRig("rbd-snap", attach: false)
+        let rig = try hostWithImage("rbd-snap", image)
         defer { rig.stop() }
-        #expect(try rig.sim.xensim(["domain", "create"], ["--domid", "1"]).status == 0)
-        #expect(try attach(rig, CephCluster.target(image)).status == 0)
-        let (wrote, written) = try runGuest(rig, ["--workload", "write", "--bs", "1M", "--qd", "8", "--max-indirect-segments", "256"])
+        let (wrote, written) = try rig.runFrontend(["--workload", "write", "--bs", "1M", "--qd", "8", "--max-indirect-segments", "256"])
         #expect(wrote == 0 && written["errors"] as? Int == 0, "\(written)")
         #expect(try rig.sim.xensim(["detach"], ["--domid", "1", "--devid", "51712"]).status == 0)
         try CephCluster.rbd(["snap", "create", "\(CephCluster.pool)/\(image)@before"])
@@ -149,7 +143,7 @@ struct RBDTests {
         #expect(try rig.sim.xensim(["detach"], ["--domid", "1", "--devid", "51712"]).status == 0)
 
         #expect(try attach(rig, snapshot, mode: "r").status == 0)
-        let (read, report) = try runGuest(rig, ["--workload", "read", "--bs", "1M", "--qd", "8", "--max-indirect-segments", "256",
+        let (read, report) = try rig.runFrontend(["--workload", "read", "--bs", "1M", "--qd", "8", "--max-indirect-segments", "256",
                                                 "--verify-existing"])
         #expect(read == 0 && report["verify_failures"] as? Int == 0 && report["bytes"] as? Int == 64 << 20, "\(report)")
     }
@@ -187,10 +181,8 @@ struct RBDTests {
     @Test func aSilentClusterIsWaitedForAndNothingIsLost() throws {
         let image = try CephCluster.createImage("silent")
         defer { CephCluster.removeImage(image) }
-        let rig = try APIRig("rbd-silent", attach: false)
+        let rig = try hostWithImage("rbd-silent", image)
         defer { rig.stop() }
-        #expect(try rig.sim.xensim(["domain", "create"], ["--domid", "1"]).status == 0)
-        #expect(try attach(rig, CephCluster.target(image)).status == 0)
         let guest = try BackgroundProcess(Harness.executable("xensim"), [
             "frontend", "--dir", rig.sim.path, "--domid", "1", "--devid", "51712", "--workload", "verify",
             "--qd", "16", "--seconds", "300", "--json",
@@ -214,9 +206,9 @@ struct RBDTests {
         let after = try rig.stats()["wr_req"] ?? 0
         #expect(try eventually { (try rig.stats()["wr_req"] ?? 0) > after + 100 })
         #expect(guest.stop(signal: SIGINT, grace: 60) == 0, "guest: \(guest.output.suffix(1500))")
-        let report = Self.report(guest.output)
+        let report = DaemonRig.report(guest.output)
         #expect(report["errors"] as? Int == 0 && report["verify_failures"] as? Int == 0, "\(report)")
-        let (status, again) = try runGuest(rig, ["--workload", "verify", "--seconds", "2"])
+        let (status, again) = try rig.runFrontend(["--workload", "verify", "--seconds", "2"])
         #expect(status == 0 && again["verify_failures"] as? Int == 0, "\(again)")
     }
 }

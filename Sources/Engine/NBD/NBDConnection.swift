@@ -171,8 +171,9 @@ public final class NBDConnection {
         try cookie(cnbd_aio_trim(handle, count, offset), "trimming \(count) bytes at byte \(offset)")
     }
 
-    private func cookie(_ value: Int64, _ what: String) throws(NBDError) -> UInt64 {
-        guard value > 0 else { throw NBDError.last(what) }
+    /// `what` is spelled out only on failure: commands go out per request.
+    private func cookie(_ value: Int64, _ what: @autoclosure () -> String) throws(NBDError) -> UInt64 {
+        guard value > 0 else { throw NBDError.last(what()) }
         return UInt64(value)
     }
 

@@ -151,20 +151,22 @@ public final class RBDImage: @unchecked Sendable {
         try issue(queue, "discarding \(count) bytes at byte \(offset)") { rbd_aio_discard(image, offset, count, $0) }
     }
 
-    private func issue(_ queue: RBDCompletionQueue, _ what: String, _ start: (rbd_completion_t) -> Int32) throws(RBDError) -> UInt {
+    /// `what` is spelled out only on failure: commands go out per request.
+    private func issue(_ queue: RBDCompletionQueue, _ what: @autoclosure () -> String,
+                       _ start: (rbd_completion_t) -> Int32) throws(RBDError) -> UInt {
         // The queue stays alive until the callback ran (it releases this reference).
         let argument = Unmanaged.passRetained(queue).toOpaque()
         var completion: rbd_completion_t?
         var status = rbd_aio_create_completion(argument, rbdCommandCompleted, &completion)
         guard status == 0, let completion else {
             Unmanaged<RBDCompletionQueue>.fromOpaque(argument).release()
-            throw RBDError(returned: status, what)
+            throw RBDError(returned: status, what())
         }
         status = start(completion)
         guard status == 0 else {
             rbd_aio_release(completion)
             Unmanaged<RBDCompletionQueue>.fromOpaque(argument).release()
-            throw RBDError(returned: status, "\(what) on \(spec)")
+            throw RBDError(returned: status, "\(what()) on \(spec)")
         }
         return UInt(bitPattern: completion)
     }
