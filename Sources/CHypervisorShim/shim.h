@@ -9,6 +9,8 @@
 #include <sys/eventfd.h>
 #include <sys/epoll.h>
 #include <sys/file.h>
+#include <pthread.h>
+#include <errno.h>
 
 /* Returns the value found; the exchange happened iff it equals `expected`. */
 static inline uint32_t hv_cmpxchg32(uint32_t *p, uint32_t expected, uint32_t desired) {
@@ -27,6 +29,30 @@ static inline void hv_store16_relaxed(uint16_t *p, uint16_t v) { __atomic_store_
 /* Xen's gnttab_clear_flags: atomically clear bits of the shared flags word. */
 static inline void hv_clear_bits16(uint16_t *p, uint16_t bits) { __atomic_fetch_and(p, (uint16_t)~bits, __ATOMIC_SEQ_CST); }
 static inline void hv_wmb(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
+
+/* The simulated grant-table lock, in memory shared between processes: process-shared and
+ * robust, so a holder that dies frees it for the next taker instead of hanging everyone.
+ * Uncontended, taking and releasing it are atomics, no system call. */
+static inline size_t hv_shared_lock_size(void) { return sizeof(pthread_mutex_t); }
+static inline int hv_shared_lock_init(void *p) {
+    pthread_mutexattr_t attributes;
+    pthread_mutexattr_init(&attributes);
+    pthread_mutexattr_setpshared(&attributes, PTHREAD_PROCESS_SHARED);
+    pthread_mutexattr_setrobust(&attributes, PTHREAD_MUTEX_ROBUST);
+    int result = pthread_mutex_init((pthread_mutex_t *)p, &attributes);
+    pthread_mutexattr_destroy(&attributes);
+    return result;
+}
+/* 0 once held; a holder that died leaves what it guarded as it was, as flock would. */
+static inline int hv_shared_lock(void *p) {
+    int result = pthread_mutex_lock((pthread_mutex_t *)p);
+    if (result == EOWNERDEAD) result = pthread_mutex_consistent((pthread_mutex_t *)p);
+    return result;
+}
+static inline void hv_shared_unlock(void *p) { pthread_mutex_unlock((pthread_mutex_t *)p); }
+static inline void hv_store32_release(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline uint64_t hv_load64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline void hv_increment64(uint64_t *p) { __atomic_fetch_add(p, 1, __ATOMIC_RELEASE); }
 
 /* Sends `len` bytes plus up to 4 descriptors in one SCM_RIGHTS message. */
 static inline ssize_t hv_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds) {

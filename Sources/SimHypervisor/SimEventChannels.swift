@@ -20,8 +20,16 @@ public final class SimEventChannels: EventChannels, @unchecked Sendable {
         var notify: Int32?
         var masked = false
     }
+    private struct BrokerLink {
+        var alive = true
+        /// The broker's message count when its socket was last read.
+        var newsSeen: UInt64 = 0
+    }
     /// Serialises request/reply on the broker socket; taken before `ports`.
-    private let channel = Mutex(true)
+    private let channel = Mutex(BrokerLink())
+    /// DIR/evtchn/dom<N>.news: the socket is read only when the count moved, not on each
+    /// notify (nil with a broker that keeps no count: then it is read every time).
+    private let news: SimSharedFile?
     private let ports = Mutex<[UInt32: Port]>([:])
 
     public init(directory: String, domain: UInt32) throws {
@@ -46,6 +54,7 @@ public final class SimEventChannels: EventChannels, @unchecked Sendable {
         self.domain = domain
         socket = fd
         epoll = ep
+        news = try? SimSharedFile(path: SimLayout(directory: directory).eventChannelNews(domain))
         control(EPOLL_CTL_ADD, fd, tag: SimEventChannels.brokerTag, readable: true)
     }
 
@@ -87,7 +96,7 @@ public final class SimEventChannels: EventChannels, @unchecked Sendable {
     public func notify(_ localPort: UInt32) throws {
         // The broker's news comes first: a peer that unbound and bound again has a new
         // eventfd, and signalling the old one would lose the event.
-        try channel.withLock { try drainBroker(&$0) }
+        try channel.withLock { try drainBrokerIfNews(&$0) }
         _ = try signal(localPort)
     }
 
@@ -106,26 +115,32 @@ public final class SimEventChannels: EventChannels, @unchecked Sendable {
     }
 
     public func pending() throws -> [UInt32] {
-        try channel.withLock { try drainBroker(&$0) }
+        try channel.withLock { try drainBrokerIfNews(&$0) }
         var fired: [UInt32] = []
-        var events = [epoll_event](repeating: epoll_event(), count: 64)
-        while true {
-            let n = epoll_wait(epoll, &events, Int32(events.count), 0)
-            if n < 0 && Glibc.errno == EINTR { continue }
-            guard n > 0 else { break }
-            ports.withLock { table in
-                for event in events.prefix(Int(n)) where event.data.u64 != SimEventChannels.brokerTag {
-                    let number = UInt32(truncatingIfNeeded: event.data.u64)
-                    guard var port = table[number], let wait = port.wait, !port.masked else { continue }
-                    var count: UInt64 = 0
-                    _ = read(wait, &count, 8)
-                    port.masked = true
-                    control(EPOLL_CTL_MOD, wait, tag: UInt64(number), readable: false)
-                    table[number] = port
-                    fired.append(number)
+        try withUnsafeTemporaryAllocation(of: epoll_event.self, capacity: 64) { events in
+            while true {
+                let n = epoll_wait(epoll, events.baseAddress, Int32(events.count), 0)
+                if n < 0 && Glibc.errno == EINTR { continue }
+                guard n > 0 else { break }
+                let ready = events.prefix(Int(n))
+                // Readable with no news yet (the count moves just after the send) or closed.
+                if ready.contains(where: { $0.data.u64 == SimEventChannels.brokerTag }) {
+                    try channel.withLock { try drainBroker(&$0) }
                 }
+                ports.withLock { table in
+                    for event in ready where event.data.u64 != SimEventChannels.brokerTag {
+                        let number = UInt32(truncatingIfNeeded: event.data.u64)
+                        guard var port = table[number], let wait = port.wait, !port.masked else { continue }
+                        var count: UInt64 = 0
+                        _ = read(wait, &count, 8)
+                        port.masked = true
+                        control(EPOLL_CTL_MOD, wait, tag: UInt64(number), readable: false)
+                        table[number] = port
+                        fired.append(number)
+                    }
+                }
+                if n < Int32(events.count) { break }
             }
-            if n < Int32(events.count) { break }
         }
         return fired
     }
@@ -146,8 +161,8 @@ public final class SimEventChannels: EventChannels, @unchecked Sendable {
 
     private func request(_ message: SimEventChannelMessage, _ what: String, expectFDs: Int = 0) throws
         -> (SimEventChannelMessage, [Int32]) {
-        try channel.withLock { brokerAlive in
-            guard brokerAlive else {
+        try channel.withLock { link in
+            guard link.alive else {
                 throw HypervisorError.eventChannel(operation: what + " (broker gone)", port: message.port, errno: ECONNRESET)
             }
             let sent = SimEventChannelWire.send(message, on: socket)
@@ -157,7 +172,7 @@ public final class SimEventChannels: EventChannels, @unchecked Sendable {
                 case .empty:  // SO_RCVTIMEO expired: the broker hangs
                     throw HypervisorError.eventChannel(operation: what + " (broker not answering)", port: message.port, errno: ETIMEDOUT)
                 case .closed:
-                    brokerAlive = false
+                    link.alive = false
                     throw HypervisorError.eventChannel(operation: what + " (broker gone)", port: message.port, errno: ECONNRESET)
                 case let .message(reply, fds):
                     guard reply.operation == message.operation | SimEventChannelMessage.replyBit else {
@@ -175,15 +190,25 @@ public final class SimEventChannels: EventChannels, @unchecked Sendable {
         }
     }
 
-    private func drainBroker(_ brokerAlive: inout Bool) throws {
-        while brokerAlive {
+    /// Reads the broker's messages if its count moved since the last look.
+    private func drainBrokerIfNews(_ link: inout BrokerLink) throws {
+        if let news {
+            let count = hv_load64(news.base.assumingMemoryBound(to: UInt64.self))
+            guard count != link.newsSeen else { return }
+            link.newsSeen = count
+        }
+        try drainBroker(&link)
+    }
+
+    private func drainBroker(_ link: inout BrokerLink) throws {
+        while link.alive {
             switch SimEventChannelWire.receive(on: socket, blocking: false) {
             case .empty:
                 return
             case .closed:
                 // Bound channels keep working; stop polling a dead socket and say so once.
                 control(EPOLL_CTL_DEL, socket, tag: 0, readable: false)
-                brokerAlive = false
+                link.alive = false
                 throw HypervisorError.eventChannel(operation: "broker connection closed", port: 0, errno: ECONNRESET)
             case let .message(push, fds):
                 apply(push: push, fds: fds)

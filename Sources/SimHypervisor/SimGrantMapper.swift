@@ -10,7 +10,8 @@ public final class SimGrantMapper: GrantMapper, @unchecked Sendable {
     public var unmapIsSynchronousAfterDirectIO: Bool { true }
     private let layout: SimLayout
     private let localDomain: UInt32
-    private let domains = Mutex<[UInt32: SimGrantDomain]>([:])
+    /// Each domain's open state and the second its directory was last looked at.
+    private let domains = Mutex<[UInt32: (state: SimGrantDomain, checked: Int)]>([:])
 
     /// `localDomain` is the domid the guest must have granted to (the backend's, normally 0).
     public init(directory: String, localDomain: UInt32 = 0) {
@@ -60,17 +61,31 @@ public final class SimGrantMapper: GrantMapper, @unchecked Sendable {
     }
 
     /// The open files of `domain`, reopened when the domain was destroyed and created again
-    /// (its directory is a new inode then).
+    /// (its directory is a new inode then). The directory is looked at only when the domain
+    /// is marked dying, and once a second besides (a simulator directory wiped by hand), so a
+    /// grant operation costs no system call of its own.
     private func domainState(_ domain: UInt32) throws -> SimGrantDomain {
+        let now = SimGrantMapper.monotonicSeconds()
+        if let cached = domains.withLock({ $0[domain] }), !cached.state.isDying, now == cached.checked {
+            return cached.state
+        }
         let dir = layout.domainDirectory(domain)
         var info = stat()
         guard stat(dir, &info) == 0 else { throw HypervisorError.simulatorUnavailable(path: dir, errno: Glibc.errno) }
-        if let cached = domains.withLock({ $0[domain] }), cached.directoryInode == UInt64(info.st_ino) {
-            return cached
+        if let cached = domains.withLock({ $0[domain] }), cached.state.directoryInode == UInt64(info.st_ino) {
+            guard !cached.state.isDying else { throw HypervisorError.simulatorUnavailable(path: dir, errno: ESRCH) }
+            domains.withLock { $0[domain]?.checked = now }
+            return cached.state
         }
         let fresh = try SimGrantDomain(layout: layout, domain: domain, directoryInode: UInt64(info.st_ino))
-        domains.withLock { $0[domain] = fresh }
+        domains.withLock { $0[domain] = (fresh, now) }
         return fresh
+    }
+
+    private static func monotonicSeconds() -> Int {
+        var now = timespec()
+        clock_gettime(CLOCK_MONOTONIC_COARSE, &now)
+        return now.tv_sec
     }
 }
 
@@ -87,30 +102,23 @@ final class SimGrantDomain: @unchecked Sendable {
 
     /// Xen keeps pin counts in 8-bit fields per kind and fails GNTST_general_error on overflow.
     static let maxPins: UInt32 = 0xFFFF
-    /// Per ref in grant-active: u32 read-only pins, u32 writable pins, u32 frame, u16 mapping domid.
-    static let activeEntrySize = 16
 
     let domain: UInt32
     let directoryInode: UInt64
     private let table: SimGrantTable
-    private let active: SimSharedFile
+    private let active: SimGrantActiveTable
     private let memory: Int32
     private let pageCount: UInt32
     /// The whole guest memory, mapped at the first grant copy: a copy is then a memcpy per
     /// segment, as GNTTABOP_copy is one hypercall for a batch, not a system call per page.
     private var copyWindow: UnsafeMutableRawPointer?
-    /// flock excludes other processes; the mutex excludes our own threads (flock is per open file).
-    private let lock = Mutex(())
     private let ledger: SimSharedFile?
 
     init(layout: SimLayout, domain: UInt32, directoryInode: UInt64, keepsLedger: Bool = true) throws {
         self.domain = domain
         self.directoryInode = directoryInode
         table = try SimGrantTable(path: layout.grantTable(domain))
-        active = try SimSharedFile(path: layout.grantActive(domain))
-        guard active.size >= table.entryCount * SimGrantDomain.activeEntrySize else {
-            throw HypervisorError.simulatorUnavailable(path: layout.grantActive(domain), errno: EINVAL)
-        }
+        active = try SimGrantActiveTable(path: layout.grantActive(domain), entries: table.entryCount)
         if keepsLedger {
             let number = SimGrantDomain.ledgerCount.add(1, ordering: .relaxed).newValue
             let path = "\(layout.domainDirectory(domain))/\(SimGrantDomain.ledgerPrefix)\(getpid()).\(number)"
@@ -149,12 +157,17 @@ final class SimGrantDomain: @unchecked Sendable {
         guard fd >= 0 else { return }
         defer { close(fd) }
         guard flock(fd, LOCK_EX | LOCK_NB) == 0, let dead = try? SimSharedFile(path: path) else { return }
-        locked {
-            for ref in 0..<UInt32(min(table.entryCount, dead.size / SimGrantDomain.ledgerEntrySize)) {
-                let entry = dead.base + Int(ref) * SimGrantDomain.ledgerEntrySize
-                for _ in 0..<entry.load(as: UInt32.self) { unpin(ref, writable: false) }
-                for _ in 0..<entry.load(fromByteOffset: 4, as: UInt32.self) { unpin(ref, writable: true) }
+        // A ledger whose pins could not be released stays, for the next sweep.
+        do {
+            try locked {
+                for ref in 0..<UInt32(min(table.entryCount, dead.size / SimGrantDomain.ledgerEntrySize)) {
+                    let entry = dead.base + Int(ref) * SimGrantDomain.ledgerEntrySize
+                    for _ in 0..<entry.load(as: UInt32.self) { unpin(ref, writable: false) }
+                    for _ in 0..<entry.load(fromByteOffset: 4, as: UInt32.self) { unpin(ref, writable: true) }
+                }
             }
+        } catch {
+            return
         }
         unlink(path)
     }
@@ -174,9 +187,7 @@ final class SimGrantDomain: @unchecked Sendable {
         var pins: UInt32 { readOnlyPins + writablePins }
     }
 
-    private func activePointer(_ ref: UInt32) -> UnsafeMutableRawPointer {
-        active.base + Int(ref) * SimGrantDomain.activeEntrySize
-    }
+    private func activePointer(_ ref: UInt32) -> UnsafeMutableRawPointer { active.entry(ref) }
     private func loadActive(_ ref: UInt32) -> Active {
         let p = activePointer(ref)
         return Active(readOnlyPins: p.load(as: UInt32.self), writablePins: p.load(fromByteOffset: 4, as: UInt32.self),
@@ -190,13 +201,14 @@ final class SimGrantDomain: @unchecked Sendable {
         p.storeBytes(of: a.mapper, toByteOffset: 12, as: UInt16.self)
     }
 
-    private func locked<T>(_ body: () throws -> T) rethrows -> T {
-        try lock.withLock { _ in
-            while flock(active.descriptor, LOCK_EX) != 0 && Glibc.errno == EINTR {}
-            defer { flock(active.descriptor, LOCK_UN) }
-            return try body()
-        }
+    /// Runs `body` holding the domain's grant-table lock, against our threads and other processes.
+    private func locked<T>(_ body: () throws -> T) throws -> T {
+        try active.lock()
+        defer { active.unlock() }
+        return try body()
     }
+
+    var isDying: Bool { active.isDying }
 
     private func refused(_ ref: UInt32, _ reason: String) -> HypervisorError {
         .grantRefused(domain: domain, ref: ref, reason: reason)
@@ -259,7 +271,7 @@ final class SimGrantDomain: @unchecked Sendable {
         guard munmap(base, refs.count * SimLayout.pageSize) == 0 else {
             throw HypervisorError.grantUnmapFailed(domain: domain, pages: refs.count, errno: Glibc.errno)
         }
-        locked { for ref in refs { unpin(ref, writable: writable) } }
+        try locked { for ref in refs { unpin(ref, writable: writable) } }
     }
 
     /// Xen's map path for one ref: returns the frame to map.

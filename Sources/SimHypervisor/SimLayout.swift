@@ -11,6 +11,7 @@ import Hypervisor
 ///     DIR/domains/<N>/grant-table   guest N's grant table: struct grant_entry_v1[entries]
 ///     DIR/domains/<N>/grant-active  hypervisor-private pin counts per ref (guest never maps it)
 ///     DIR/evtchn/dom<N>.sock        event-channel broker socket; connecting as N = being N
+///     DIR/evtchn/dom<N>.news        u64 counting the broker's messages to domain N
 public struct SimLayout: Sendable {
     public static let pageSize = 4096
     /// Xen's historical default max_grant_frames: 32 frames of 512 v1 entries.
@@ -47,6 +48,7 @@ public struct SimLayout: Sendable {
         return names
     }
     public func eventChannelSocket(_ domid: UInt32) -> String { "\(eventChannelDirectory)/dom\(domid).sock" }
+    public func eventChannelNews(_ domid: UInt32) -> String { "\(eventChannelDirectory)/dom\(domid).news" }
 }
 
 /// A whole file mapped MAP_SHARED read-write: the way every simulator process sees the same

@@ -164,15 +164,13 @@ import XenSim
         let rings = try guest.connect()
         let page = try guest.grantPages(1, readOnly: false)
 
-        let lock = open(SimLayout(directory: guest.dir.path).grantActive(DataPathGuest.domid), O_RDWR | O_CLOEXEC)
-        #expect(lock >= 0)
-        #expect(flock(lock, LOCK_EX) == 0)
+        let lock = try SimGrantActiveTable(directory: guest.dir.path, domain: DataPathGuest.domid)
+        try lock.lock()
         try guest.submit([guest.readWrite(.read, sector: 0, refs: page.refs)])
         #expect(eventually { rings.statistics.inflight == 1 })
         #expect(!rings.disconnect())
         #expect(!rings.disconnect())
-        flock(lock, LOCK_UN)
-        close(lock)
+        lock.unlock()
         #expect(try guest.responses(1).first?.status == .okay)
         #expect(eventually { rings.disconnect() })
         #expect(rings.disconnect())  // idempotent
@@ -191,15 +189,14 @@ import XenSim
         defer { guest.remove() }
         let rings = try guest.connect()
         let page = try guest.grantPages(1, readOnly: true) { _ in 0x33 }
-        let lock = open(SimLayout(directory: guest.dir.path).grantActive(DataPathGuest.domid), O_RDWR | O_CLOEXEC)
-        #expect(flock(lock, LOCK_EX) == 0)
+        let lock = try SimGrantActiveTable(directory: guest.dir.path, domain: DataPathGuest.domid)
+        try lock.lock()
         try guest.submit([guest.readWrite(.write, sector: 0, refs: page.refs)])
         #expect(eventually { rings.statistics.inflight == 1 })
         try SimDomain.destroyDomain(directory: guest.dir.path, domid: DataPathGuest.domid)
         guest.broker.broker.removeDomain(DataPathGuest.domid)
         #expect(!rings.disconnect())
-        flock(lock, LOCK_UN)
-        close(lock)
+        lock.unlock()
         #expect(eventually { rings.disconnect() })
     }
 

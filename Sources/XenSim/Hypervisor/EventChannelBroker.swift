@@ -12,7 +12,9 @@ import Xenbus
 /// DIR/evtchn/dom<N>.sock; a connection through it acts as domain N, like xenstored's guest
 /// sockets. Ports are per domain, numbered from 1, and owned by the connection that made
 /// them (closed when it goes, like a libxenevtchn handle). Binding hands both sides a pair of
-/// eventfds (SimEventChannels), so events never pass through the broker.
+/// eventfds (SimEventChannels), so events never pass through the broker. Every message to
+/// a connection of domain N counts in DIR/evtchn/dom<N>.news, so a client looks at its socket
+/// only when there is something to read.
 ///
 /// Driving it: poll `fileDescriptor` (an epoll fd over all its sockets) for readability and
 /// call `handleEvents()`, which never blocks.
@@ -33,6 +35,8 @@ public final class EventChannelBroker: @unchecked Sendable {
     private var listeners: [Int32: UInt32] = [:]
     private var listenerOf: [UInt32: Int32] = [:]
     private var connections: [Int32: UInt32] = [:]
+    /// Per served domain, its mapped DIR/evtchn/dom<N>.news.
+    private var news: [UInt32: SimSharedFile] = [:]
     private var ports: [UInt32: [UInt32: Port]] = [:]
     /// Connections whose socket failed mid-operation; dropped when the operation is done.
     private var doomed: [Int32] = []
@@ -55,6 +59,7 @@ public final class EventChannelBroker: @unchecked Sendable {
         for (fd, domid) in listeners {
             close(fd)
             unlink(layout.eventChannelSocket(domid))
+            unlink(layout.eventChannelNews(domid))
         }
         close(epoll)
     }
@@ -67,6 +72,14 @@ public final class EventChannelBroker: @unchecked Sendable {
         try lock.withLock { _ in
             guard listenerOf[domid] == nil else { return }
             let path = layout.eventChannelSocket(domid)
+            // The counter exists before anyone can connect; an existing one keeps counting.
+            let newsPath = layout.eventChannelNews(domid)
+            let newsFile = open(newsPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+            guard newsFile >= 0 else { throw HypervisorError.simulatorUnavailable(path: newsPath, errno: Glibc.errno) }
+            let sized = ftruncate(newsFile, 64) == 0 ? 0 : Glibc.errno
+            close(newsFile)
+            guard sized == 0 else { throw HypervisorError.simulatorUnavailable(path: newsPath, errno: sized) }
+            news[domid] = try SimSharedFile(path: newsPath)
             let fd = socket(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
             guard fd >= 0 else { throw HypervisorError.simulatorUnavailable(path: path, errno: Glibc.errno) }
             unlink(path)
@@ -91,7 +104,9 @@ public final class EventChannelBroker: @unchecked Sendable {
                 listeners[fd] = nil
                 unwatchAndClose(fd)
                 unlink(layout.eventChannelSocket(domid))
+                unlink(layout.eventChannelNews(domid))
             }
+            news[domid] = nil
             for (fd, owner) in connections where owner == domid { drop(fd) }
             dropDoomed()
             ports[domid] = nil
@@ -226,7 +241,13 @@ public final class EventChannelBroker: @unchecked Sendable {
     private func push(_ message: SimEventChannelMessage, fds: [Int32], to fd: Int32) {
         guard !doomed.contains(fd) else { return }
         let error = SimEventChannelWire.send(message, fds: fds, on: fd)
-        guard error != 0 else { return }
+        guard error != 0 else {
+            // Counted once sent: a client that sees the count move finds the message there.
+            if let domid = connections[fd], let counter = news[domid] {
+                hv_increment64(counter.base.assumingMemoryBound(to: UInt64.self))
+            }
+            return
+        }
         let metadata: Logger.Metadata = ["domid": "\(connections[fd] ?? 0)"]
         if error == EAGAIN {
             logger.info("dropping event channel client that does not read its socket", metadata: metadata)

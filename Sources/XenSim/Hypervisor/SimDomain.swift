@@ -49,7 +49,12 @@ public enum SimDomain {
         do {
             try createFile("\(staging)/memory", size: memoryMB << 20)
             try createFile("\(staging)/grant-table", size: SimLayout.grantEntries * SimLayout.grantEntrySize)
-            try createFile("\(staging)/grant-active", size: SimLayout.grantEntries * 16)
+            try createFile("\(staging)/grant-active", size: SimGrantActiveTable.fileSize(entries: SimLayout.grantEntries))
+            do {
+                try SimGrantActiveTable.initialize(path: "\(staging)/grant-active", entries: SimLayout.grantEntries)
+            } catch HypervisorError.simulatorUnavailable(let path, let errno) {
+                throw SimDomainError.io(path: path, errno: errno)
+            }
             guard rename(staging, final) == 0 else {
                 let error = Glibc.errno
                 throw error == EEXIST || error == ENOTEMPTY ? SimDomainError.domainExists(domid)
@@ -61,7 +66,7 @@ public enum SimDomain {
         }
     }
 
-    /// Removes the domain's state. Processes that still map its pages keep them until they
+    /// Removes the domain's state, marked dying first. Processes that still map its pages keep them until they
     /// unmap (the files live on while mapped), as Xen keeps a dying domain's granted pages.
     public static func destroyDomain(directory: String, domid: UInt32) throws {
         let layout = SimLayout(directory: directory)
@@ -71,6 +76,9 @@ public enum SimDomain {
             let error = Glibc.errno
             throw error == ENOENT ? SimDomainError.noSuchDomain(domid) : SimDomainError.io(path: dir, errno: error)
         }
+        // Xen's d->is_dying: processes that cache the domain's files look for it, not at
+        // the directory, before each grant operation.
+        (try? SimGrantActiveTable(path: "\(doomed)/grant-active", entries: SimLayout.grantEntries))?.markDying()
         removeTree(doomed)
     }
 
