@@ -61,6 +61,8 @@ public struct NBDDirection: OptionSet, Sendable {
 /// the aio calls and retired with `retireCompleted`, never through callbacks.
 public final class NBDConnection {
     private let handle: OpaquePointer
+    /// Commands issued and not yet retired.
+    private var unretired = 0
 
     /// `name` appears in libnbd's debug output.
     public init(name: String) throws(NBDError) {
@@ -174,14 +176,19 @@ public final class NBDConnection {
     /// `what` is spelled out only on failure: commands go out per request.
     private func cookie(_ value: Int64, _ what: @autoclosure () -> String) throws(NBDError) -> UInt64 {
         guard value > 0 else { throw NBDError.last(what()) }
+        unretired += 1
         return UInt64(value)
     }
 
     /// The next command the server has answered, retired: its cookie and 0, or the errno it
     /// failed with. nil while none has been answered.
     public func retireCompleted() -> (cookie: UInt64, error: Int32)? {
+        // Answered = issued - still in flight. Asking libnbd to peek with none answered
+        // costs an error message it formats (a vfprintf per wakeup).
+        guard unretired > Int(max(0, nbd_aio_in_flight(handle))) else { return nil }
         let next = nbd_aio_peek_command_completed(handle)
         guard next > 0 else { return nil }
+        unretired -= 1
         let status = nbd_aio_command_completed(handle, UInt64(next))
         if status == 1 { return (UInt64(next), 0) }
         let code = nbd_get_errno()
