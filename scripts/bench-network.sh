@@ -56,10 +56,8 @@ rbd)
 *) echo "usage: scripts/bench-network.sh nbd|rbd [SECONDS]" >&2; exit 2 ;;
 esac
 
-"$bin/xensim" run --dir "$dir" --detach >/dev/null
-"$bin/blkback-server" --sim "$dir" --log-level warning 2>"$dir/daemon.log" &
-daemon=$!
-"$bin/xensim" domain create --dir "$dir" --domid 1 --memory-mb 256
+. scripts/bench-host.sh
+start_simulated_host
 # Attached only while the guest runs: fio and the VBD never share the store (an RBD image's
 # exclusive lock is the VBD's while it is attached).
 attach() { "$bin/xensim" attach --dir "$dir" --domid 1 --devid 51712 --target "$target"; }

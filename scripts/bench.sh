@@ -25,10 +25,8 @@ trap cleanup EXIT
 disk="$data/disk.img"
 fio --name=fill --filename="$disk" --size=1G --rw=write --bs=1M --direct=1 --ioengine=io_uring >/dev/null
 
-"$bin/xensim" run --dir "$dir" --detach >/dev/null
-"$bin/blkback-server" --sim "$dir" --log-level warning 2>"$dir/daemon.log" &
-daemon=$!
-"$bin/xensim" domain create --dir "$dir" --domid 1 --memory-mb 256
+. scripts/bench-host.sh
+start_simulated_host
 "$bin/xensim" attach --dir "$dir" --domid 1 --devid 51712 --target "$disk"
 
 # The guest writes one stamped pass first, so every read it makes afterwards is verified;
