@@ -107,6 +107,7 @@ import XenSim
             return try inner.prepare(store)
         }
         func connect(_ request: DataPlaneRequest) throws -> any ConnectedRings { try inner.connect(request) }
+        func recordedLockHolder(of vbd: VBDIdentity) -> String? { inner.recordedLockHolder(of: vbd) }
     }
 
     /// The backing store is opened and its I/O paths tried off the control-plane thread:

@@ -77,7 +77,7 @@ extension VBD {
             disk.requestedTarget = try backend("params") ?? ""
             // On this thread: the guest's I/O waits for the takeover, and it happens once.
             try adopt(try Self.open(source, readOnly: disk.mode != .write, configuration: context.configuration,
-                                    dataPlane: context.dataPlane))
+                                    dataPlane: context.dataPlane, identity: identity))
             guard let backingStore = disk.store else { return }
             backendState = .connected
             frontendState = FrontendStateReading(node: try store.read(frontendPath + "/state"))
@@ -167,8 +167,9 @@ extension VBD {
         let readOnly = disk.mode != .write
         let dataPlane = context.dataPlane
         let configuration = context.configuration
+        let identity = self.identity
         let ticket = context.openings.start(identity) {
-            try Self.open(source, readOnly: readOnly, configuration: configuration, dataPlane: dataPlane)
+            try Self.open(source, readOnly: readOnly, configuration: configuration, dataPlane: dataPlane, identity: identity)
         }
         disk.opening = (ticket, next)
     }
@@ -192,11 +193,12 @@ extension VBD {
 
     /// BackingStore.open and DataPlane.prepare: I/O on the store, which may take long.
     private static func open(_ source: BackingSource, readOnly: Bool, configuration: BackendConfiguration,
-                             dataPlane: (any DataPlane)?) throws -> OpenedStore {
+                             dataPlane: (any DataPlane)?, identity: VBDIdentity) throws -> OpenedStore {
         let store: BackingStore
         do {
             store = try BackingStore.open(source, readOnly: readOnly, connectTimeout: configuration.storeConnectTimeout,
-                                          retryTimeout: configuration.storeRetryTimeout)
+                                          retryTimeout: configuration.storeRetryTimeout,
+                                          previousLockHolder: dataPlane?.recordedLockHolder(of: identity))
         } catch {
             throw Self.creatingVBD(error)
         }
@@ -211,6 +213,9 @@ extension VBD {
         disk.sectors = store.sectors
         disk.info = try vdiskInfo(readOnly: store.readOnly)
         logger.info("opened \(store.path) (\(store.sectors) sectors of 512 bytes, sector size \(store.logicalSectorSize), \(store.readOnly ? "read-only" : "read-write"))")
+        if let broken = store.brokenLock {
+            logger.notice("broke the exclusive lock of \(store.path) that \(broken), the client of the daemon that served this device before, still held")
+        }
     }
 
     /// What this device's frontend may ask for: the daemon's limits, and one queue on an NBD

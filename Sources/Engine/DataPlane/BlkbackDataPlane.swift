@@ -1,5 +1,6 @@
 import Blkif
 import Dispatch
+import Foundation
 internal import CURing
 import Glibc
 import Hypervisor
@@ -120,6 +121,17 @@ public final class BlkbackDataPlane: DataPlane {
             for worker in workers { worker.release() }
             throw error
         }
+        // Written before the rings run, so a crash from here on leaves it for the successor.
+        var lockHolderRecord: String?
+        if let holder = store.lockHolder {
+            let path = lockHolderPath(request.vbd)
+            do {
+                try holder.write(toFile: path, atomically: true, encoding: .utf8)
+                lockHolderRecord = path
+            } catch {
+                logger.warning("recording the lock holder in \(path): \(error); after a crash the next daemon waits for Ceph to expire this client's lock")
+            }
+        }
         for worker in workers {
             // As Linux names them: blkback.<domid>.<device>-<queue>.
             worker.start(name: "blkback.\(request.vbd.domid).\(request.vbd.devid)-\(worker.queue)")
@@ -130,7 +142,17 @@ public final class BlkbackDataPlane: DataPlane {
             flush, barrier\(features.discard ? ", discard" : "")\(maxIndirect > 0 ? ", \(maxIndirect) indirect segments" : ""))
             """)
         return ConnectedVBD(workers: workers, io: io, features: features, ioMode: ioMode, throttle: device.throttle,
-                            capacity: device.capacity, logger: logger)
+                            capacity: device.capacity, lockHolderRecord: lockHolderRecord, logger: logger)
+    }
+
+    public func recordedLockHolder(of vbd: VBDIdentity) -> String? {
+        guard let text = try? String(contentsOfFile: lockHolderPath(vbd), encoding: .utf8) else { return nil }
+        let holder = text.trimmingCharacters(in: .whitespacesAndNewlines)
+        return holder.isEmpty ? nil : holder
+    }
+
+    private func lockHolderPath(_ vbd: VBDIdentity) -> String {
+        "\(journalDirectory)/\(vbd.kind)-\(vbd.domid)-\(vbd.devid).lock-holder"
     }
 
     /// The journal file of one ring, and the text that names the ring it belongs to: the
@@ -338,12 +360,15 @@ final class ConnectedVBD: ConnectedRings {
     private let workers: [RingWorker]
     /// Kept open while the rings do I/O on it (nil for a network store).
     private let io: IODescriptor?
+    /// The store lock holder's record (`recordedLockHolder`), kept with the journals.
+    private let lockHolderRecord: String?
     private let logger: Logger
     /// Released once; later disconnect() calls only report true.
     private let released = Locked(false)
 
     init(workers: [RingWorker], io: IODescriptor?, features: BlockFeatures, ioMode: IOMode, throttle: QoSThrottle,
-         capacity: DeviceCapacity, logger: Logger) {
+         capacity: DeviceCapacity, lockHolderRecord: String?, logger: Logger) {
+        self.lockHolderRecord = lockHolderRecord
         self.throttle = throttle
         self.capacity = capacity
         self.workers = workers
@@ -395,6 +420,7 @@ final class ConnectedVBD: ConnectedRings {
                 return false
             }
             for worker in workers { worker.release(keepingJournal: keepingJournals) }
+            if !keepingJournals, let lockHolderRecord { unlink(lockHolderRecord) }
             done = true
             logger.info(keepingJournals ? "rings left to the next daemon" : "rings released")
             return true

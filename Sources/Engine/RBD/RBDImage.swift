@@ -25,8 +25,11 @@ public final class RBDImage: @unchecked Sendable {
     /// image; read-only for a snapshot or when `readOnly`. Operations on the cluster that
     /// wait longer than `operationTimeout` seconds (0: forever) fail with ETIMEDOUT.
     /// A writable image is opened with its exclusive lock taken and kept: another client
-    /// asking for it is refused until this one closes the image.
-    public init(_ spec: RBDImageSpec, readOnly: Bool, connectTimeout: Double, operationTimeout: Double) throws(RBDError) {
+    /// asking for it is refused until this one closes the image. A lock still held by
+    /// `previousHolder` (the client of a daemon that is gone) is broken first, which also
+    /// blocklists that client, rather than waited for until its watch times out (~30 s).
+    public init(_ spec: RBDImageSpec, readOnly: Bool, connectTimeout: Double, operationTimeout: Double,
+                breakingLockOf previousHolder: String? = nil) throws(RBDError) {
         if spec.snapshot != nil && !readOnly {
             throw RBDError(errno: EROFS, message: "\(spec) is a snapshot, which is read-only; attach it with mode r")
         }
@@ -88,7 +91,7 @@ public final class RBDImage: @unchecked Sendable {
         info = RBDImageInfo(size: stat.size, objectSize: stat.obj_size,
                             hasExclusiveLock: features & UInt64(RBD_FEATURE_EXCLUSIVE_LOCK) != 0)
         // Fully initialized from here: a throw runs deinit, which closes everything.
-        if !readOnly { try acquireExclusiveLock() }
+        if !readOnly { try acquireExclusiveLock(breakingLockOf: previousHolder) }
     }
 
     deinit {
@@ -101,9 +104,16 @@ public final class RBDImage: @unchecked Sendable {
     /// Takes the image's exclusive lock for good: librbd hands a lock it took on its own to
     /// any client that asks, which would let two hosts write in turn; one taken explicitly is
     /// refused to others until the image is closed.
-    private func acquireExclusiveLock() throws(RBDError) {
+    private func acquireExclusiveLock(breakingLockOf previousHolder: String?) throws(RBDError) {
         guard info.hasExclusiveLock else {
             throw RBDError(errno: EINVAL, message: "\(spec) lacks the exclusive-lock feature that keeps a second host from writing it; enable it (rbd feature enable \(spec.pool)/\(spec.image) exclusive-lock) or attach with mode r")
+        }
+        if let previousHolder, lockOwners() == [previousHolder] {
+            let status = rbd_lock_break(image, RBD_LOCK_MODE_EXCLUSIVE, previousHolder)
+            guard status == 0 else {
+                throw RBDError(returned: status, "breaking the exclusive lock of \(spec) left by \(previousHolder)")
+            }
+            brokenLock = previousHolder
         }
         let status = rbd_lock_acquire(image, RBD_LOCK_MODE_EXCLUSIVE)
         guard status == 0 else {
@@ -111,7 +121,13 @@ public final class RBDImage: @unchecked Sendable {
             let holder = owners.isEmpty ? "another client" : owners.joined(separator: ", ")
             throw RBDError(errno: EBUSY, message: "\(spec) is in use: its exclusive lock is held by \(holder) (attached writable on another host?); detach it there first (\(String(cString: strerror(Int32(clamping: -status)))))")
         }
+        lockHolder = lockOwners().first
     }
+
+    /// This client, as the exclusive lock's holder (nil unless writable).
+    public private(set) var lockHolder: String?
+    /// The holder whose lock was broken at open, if one was.
+    public private(set) var brokenLock: String?
 
     /// Who holds the exclusive lock now (client addresses), as far as librbd can tell.
     public func lockOwners() -> [String] {

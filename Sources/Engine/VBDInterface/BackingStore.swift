@@ -147,12 +147,20 @@ public final class BackingStore: Sendable {
         return nil
     }
 
+    /// The store's lock holder (an RBD image's exclusive lock): this daemon's client.
+    public var lockHolder: String? { if case .rbd(let image) = medium { image.lockHolder } else { nil } }
+    /// The previous holder whose lock was broken at open.
+    public var brokenLock: String? { if case .rbd(let image) = medium { image.brokenLock } else { nil } }
+
     /// Opens the source read-only or read-write (mode "r" / "w"). physical-device must name a
     /// block device; a params path may be a regular file or a block device; an NBD server or
     /// Ceph cluster must answer within `connectTimeout` seconds. RBD commands that wait on the
     /// cluster longer than `retryTimeout` seconds fail (the NBD rings keep their own count).
+    /// `previousLockHolder`: who held the store's lock for the daemon that served this VBD
+    /// before (`DataPlane.recordedLockHolder`); a lock it still holds is broken, as that
+    /// daemon is gone.
     public static func open(_ source: BackingSource, readOnly: Bool, connectTimeout: Double = 10,
-                            retryTimeout: Double = 60) throws(BackingStoreError) -> BackingStore {
+                            retryTimeout: Double = 60, previousLockHolder: String? = nil) throws(BackingStoreError) -> BackingStore {
         switch source {
         case .path(let path):
             return try open(path: path, readOnly: readOnly, expecting: nil)
@@ -161,17 +169,19 @@ public final class BackingStore: Sendable {
         case .nbd(let uri):
             return try openNBD(uri, readOnly: readOnly, timeout: connectTimeout)
         case .rbd(let spec):
-            return try openRBD(spec, readOnly: readOnly, connectTimeout: connectTimeout, retryTimeout: retryTimeout)
+            return try openRBD(spec, readOnly: readOnly, connectTimeout: connectTimeout, retryTimeout: retryTimeout,
+                               previousLockHolder: previousLockHolder)
         }
     }
 
     /// Opens the image and keeps it open (and locked, when writable) for the VBD's life: its
     /// rings share it. 512-byte sectors; 4 KiB physical sectors, what RADOS writes whole.
     private static func openRBD(_ spec: RBDImageSpec, readOnly: Bool, connectTimeout: Double,
-                                retryTimeout: Double) throws(BackingStoreError) -> BackingStore {
+                                retryTimeout: Double, previousLockHolder: String?) throws(BackingStoreError) -> BackingStore {
         let image: RBDImage
         do {
-            image = try RBDImage(spec, readOnly: readOnly, connectTimeout: connectTimeout, operationTimeout: retryTimeout)
+            image = try RBDImage(spec, readOnly: readOnly, connectTimeout: connectTimeout, operationTimeout: retryTimeout,
+                                 breakingLockOf: previousLockHolder)
         } catch {
             throw BackingStoreError(errno: error.errno, message: error.message)
         }

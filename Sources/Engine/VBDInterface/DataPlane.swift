@@ -94,6 +94,10 @@ public protocol DataPlane: AnyObject, Sendable {
     /// (xen_blkif_map + the xenblkd threads). Throws with one line when any of it fails;
     /// nothing stays mapped then.
     func connect(_ request: DataPlaneRequest) throws -> any ConnectedRings
+    /// Who held the VBD's store lock (an RBD image's exclusive lock) for the daemon that last
+    /// served it from this state directory: kept beside the rings' journals while its rings
+    /// are served or handed over, so a successor after a crash knows whose lock to break.
+    func recordedLockHolder(of vbd: VBDIdentity) -> String?
 }
 
 /// One VBD's rings while the data plane serves them.
