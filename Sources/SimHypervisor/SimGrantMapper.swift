@@ -187,14 +187,13 @@ final class SimGrantDomain: @unchecked Sendable {
         var pins: UInt32 { readOnlyPins + writablePins }
     }
 
-    private func activePointer(_ ref: UInt32) -> UnsafeMutableRawPointer { active.entry(ref) }
     private func loadActive(_ ref: UInt32) -> Active {
-        let p = activePointer(ref)
+        let p = active.entry(ref)
         return Active(readOnlyPins: p.load(as: UInt32.self), writablePins: p.load(fromByteOffset: 4, as: UInt32.self),
                       frame: p.load(fromByteOffset: 8, as: UInt32.self), mapper: p.load(fromByteOffset: 12, as: UInt16.self))
     }
     private func storeActive(_ ref: UInt32, _ a: Active) {
-        let p = activePointer(ref)
+        let p = active.entry(ref)
         p.storeBytes(of: a.readOnlyPins, as: UInt32.self)
         p.storeBytes(of: a.writablePins, toByteOffset: 4, as: UInt32.self)
         p.storeBytes(of: a.frame, toByteOffset: 8, as: UInt32.self)
