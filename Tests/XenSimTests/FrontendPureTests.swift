@@ -63,6 +63,13 @@ import Testing
         #expect(check(Array(old[0..<256] + new[256...]), sector: 3) == .foreign)
     }
 
+    @Test func patternShiftedByAWordIsForeign() {
+        // A copy off by 8 bytes inside the sector keeps the header but moves every word.
+        let stamped = sector { SectorStamp.write(sector: 3, generation: 5, to: $0) }
+        #expect(check(Array(stamped[0..<32] + stamped[24..<504]), sector: 3) == .foreign)
+        #expect(check(Array(stamped[0..<24] + stamped[32..<512] + stamped[504..<512]), sector: 3) == .foreign)
+    }
+
     @Test func generationZeroIsNotAStamp() {
         let stamped = sector { SectorStamp.write(sector: 3, generation: 0, to: $0) }
         #expect(check(stamped, sector: 3) == .foreign)

@@ -150,9 +150,10 @@ final class NBDRingClient: NetworkStoreClient {
     }
 
     /// Commands in flight and no answer for a second: a healthy server answers long before,
-    /// so the socket is read again and polled anew, in case a wakeup went missing (the
-    /// server itself being slow costs one recv). Once seen mid-benchmark as a guest waiting
-    /// 30 s on 32 writes.
+    /// so the socket is looked at again and polled anew, in case a wakeup went missing (the
+    /// server itself being slow costs one poll). Once seen mid-benchmark as a guest waiting
+    /// 30 s on 32 writes. libnbd is told only what the socket is ready for: a read
+    /// notification with nothing to read would pause a command being sent, for good.
     private func recheck(_ uring: IOURing, cancellationTag: UInt64) {
         let firstInThisStall = recheckedAt <= lastProgress
         recheckedAt = DispatchTime.now().uptimeNanoseconds
@@ -163,7 +164,7 @@ final class NBDRingClient: NetworkStoreClient {
             self.armed = nil
         }
         do {
-            try connection.notify(connection.direction.union(.read))
+            try connection.notify(try connection.readiness(of: connection.direction.union(.read)))
         } catch {
             logger.debug("NBD socket: \(error)")
         }
