@@ -6,6 +6,7 @@ import Xenbus
 import XenSim
 
 extension WorkloadKind: ExpressibleByArgument {}
+extension ReadCheck: ExpressibleByArgument {}
 
 struct FrontendCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -53,6 +54,8 @@ struct FrontendCommand: ParsableCommand {
     @Option(help: "Flush after every N writes (0: never; verify always flushes after writing).") var flushEvery: Int = 0
     @Flag(help: "Sectors this run did not write must hold an earlier run's stamp (zeros count as failures).")
     var verifyExisting = false
+    @Option(help: "Sectors of each read checked: all, or sample (the first of every 4 KiB page and the last; for benchmarks).")
+    var verifySectors: ReadCheck = .all
     @Option(help: "Seed of the random offsets (default: the start time).") var seed: UInt64?
 
     @Option(help: "Queues (rings) to ask for; clamped to multi-queue-max-queues.") var queues: Int = 1
@@ -123,6 +126,7 @@ struct FrontendCommand: ParsableCommand {
         workloadConfiguration.readPercent = readPercent
         workloadConfiguration.flushEvery = flushEvery
         workloadConfiguration.verifyExisting = verifyExisting
+        workloadConfiguration.readCheck = verifySectors
         workloadConfiguration.seed = seed
         var configuration = FrontendConfiguration(workload: workloadConfiguration)
         configuration.device.queues = queues

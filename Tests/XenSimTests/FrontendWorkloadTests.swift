@@ -77,6 +77,24 @@ import Testing
         #expect(failures == 8)  // every sector of the 4 KiB block
     }
 
+    @Test(arguments: [(ReadCheck.all, 3), (.sample, 2)])
+    func sampledCheckLooksAtEveryPagesFirstSectorAndTheLast(check: ReadCheck, caught: Int) throws {
+        var verify = try workload(.verify, bs: 16384) { $0.readCheck = check }
+        let disk = RamDisk(sectors: 256)
+        var failures = 0
+        while !verify.finished {
+            guard let io = verify.next() else { continue }
+            if io.operation == .write { disk.write(io) }
+            if io.operation == .flush {
+                // Block 0 is sectors 0-31: sector 3 lies inside page 0, 8 starts page 1, 31 ends the block.
+                for sector in [3, 8, 31] { disk.bytes.replaceSubrange(sector * 512..<(sector + 1) * 512, with: repeatElement(0, count: 512)) }
+            }
+            if io.operation == .read { failures += disk.verify(io, with: verify) }
+            verify.completed(io, success: true)
+        }
+        #expect(failures == caught)
+    }
+
     @Test func misdirectedWriteIsCaught() throws {
         var verify = try workload(.verify)
         let disk = RamDisk(sectors: 256)
