@@ -132,7 +132,7 @@ let package = Package(
         ),
         .testTarget(
             name: "EngineTests",
-            dependencies: ["Engine", "Blkif", "ControlPlane", "DataPlane", "VBDInterface", "Xenbus", "Hypervisor", "SimHypervisor", "CXenBlkif", "CURing", "RBD"]
+            dependencies: ["Engine", "Blkif", "ControlPlane", "DataPlane", "VBDInterface", "Xenbus", "Hypervisor", "SimHypervisor", "CXenBlkif", "CURing", "RBD", "NBD"]
         ),
         // What tests of several targets share (they run in one process).
         .target(name: "XenStoreTestSupport", dependencies: ["Xenbus"], path: "Tests/XenStoreTestSupport"),

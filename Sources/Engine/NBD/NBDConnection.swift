@@ -161,12 +161,18 @@ public final class NBDConnection {
     /// The socket is readable / writable: let libnbd's state machine go on until it would block.
     /// libnbd stops after each whole reply; while replies keep completing and it waits only to
     /// read, reading goes on, so a burst of answers costs the caller one wakeup rather than one
-    /// each. Never while it also waits to write: a read notification then pauses the command
-    /// being sent, and with nothing to read it stays paused, the server waiting for the rest
-    /// of it (a stall seen with 1M writes).
+    /// each (never while it also waits to write, so a command being sent is never paused).
+    ///
+    /// libnbd takes a read notification as a promise: finding nothing to read, it waits in
+    /// REPLY.START, and a command issued meanwhile is only queued, to go out after the next
+    /// reply; with no other command out, none comes, and the queued ones wait for good (seen:
+    /// guest requests unanswered, the server idle). So the socket itself is asked before every
+    /// read notification; a poll's result alone can be stale (io_uring reports the events of
+    /// the wakeup, and the data may be gone by the time it is handled).
     public func notify(_ ready: NBDDirection) throws(NBDError) {
         if ready.contains(.read) {
             for _ in 0..<Self.maxRepliesPerNotify {
+                guard try readiness(of: .read) == .read else { break }
                 let before = nbd_aio_in_flight(handle)
                 guard nbd_aio_notify_read(handle) == 0 else { throw NBDError.last("reading from the NBD server") }
                 let after = nbd_aio_in_flight(handle)
