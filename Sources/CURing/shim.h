@@ -26,3 +26,9 @@ static inline int curing_enable_rings(struct io_uring *ring) {
 static inline unsigned long long curing_sqe_tag(const struct io_uring_sqe *sqe) {
     return sqe->user_data;
 }
+/* Completions posted, or task work the kernel holds until the ring's thread enters it
+ * (IORING_SQ_TASKRUN, set with IORING_SETUP_TASKRUN_FLAG): what a polling thread looks for. */
+static inline int curing_has_work(struct io_uring *ring) {
+    unsigned flags = __atomic_load_n(ring->sq.kflags, __ATOMIC_ACQUIRE);
+    return (flags & IORING_SQ_TASKRUN) != 0 || io_uring_cq_ready(ring) > 0;
+}

@@ -98,6 +98,12 @@ public struct BackRing: Sendable {
         requestProducerSeen = requestConsumer
     }
 
+    /// Whether req_prod moved past the requests taken: one read, for polling; what it found
+    /// is validated by `unconsumedRequests`.
+    public var hasUnconsumedRequests: Bool {
+        shared.index(at: SharedRing.requestProducerOffset) != requestConsumer
+    }
+
     /// Reads req_prod once, rejects an impossible value, and returns how many requests can be
     /// taken now (XEN_RING_NR_UNCONSUMED_REQUESTS: never more than there are free response slots).
     public mutating func unconsumedRequests() throws(BlkifRingError) -> UInt32 {

@@ -24,13 +24,14 @@ final class IOURing {
     private var disabled: Bool
 
     /// Prefers completions run only when the owning thread waits (DEFER_TASKRUN, Linux 6.1):
-    /// an I/O completing wakes nobody but that thread, and only when it asks. Older kernels
-    /// get cooperative task running (5.19), then plain rings.
+    /// an I/O completing wakes nobody but that thread, and only when it asks; TASKRUN_FLAG
+    /// makes such held work visible to a polling thread (`hasWork`). Older kernels get
+    /// cooperative task running (5.19), then plain rings.
     init(entries: UInt32) throws {
         self.entries = entries
         let preferred: [UInt32] = [
-            IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_R_DISABLED,
-            IORING_SETUP_COOP_TASKRUN,
+            IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG | IORING_SETUP_R_DISABLED,
+            IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
             0,
         ]
         var status: Int32 = -EINVAL
@@ -195,6 +196,10 @@ final class IOURing {
         }
         return io_uring_cq_ready(&ring) > 0
     }
+
+    /// Completions are posted, or the kernel holds work that a call to `submitAndWait` would
+    /// turn into completions. Reads shared memory only: for polling.
+    var hasWork: Bool { curing_has_work(&ring) != 0 }
 
     /// Calls `body` for each posted completion without blocking; returns how many there were.
     @discardableResult

@@ -42,6 +42,8 @@ struct DeviceContext: Sendable {
     let maxPersistentGrants: Int
     /// Pages not kept mapped travel by grant copy through daemon memory (direct-copy).
     let copyTransient: Bool
+    /// The longest a ring worker polls before it sleeps (AdaptivePollWindow; 0: never).
+    let maxPollNanoseconds: UInt64
     /// The guest's grant cap, shared with its other VBDs.
     let grantBudget: DomainGrantBudget
     /// The VBD's QoS limits, shared by its rings.
@@ -230,6 +232,7 @@ final class RingWorker: @unchecked Sendable {
     private var lastErrorEvent: UInt64 = 0
     private var errorsSinceEvent: UInt64 = 0
     private var publishedPersistentGrants: UInt64 = 0
+    private var pollWindow: AdaptivePollWindow
 
     /// Takes ownership of `eventChannels` (bound to `localPort`) and `ringMapping`; releases
     /// them in `release()` once the thread has stopped. With `recovery`, the ring resumes
@@ -252,6 +255,7 @@ final class RingWorker: @unchecked Sendable {
                                  copyTransient: device.copyTransient)
         self.ringMapping = ringMapping
         self.device = device
+        pollWindow = AdaptivePollWindow(maximum: device.maxPollNanoseconds)
         ring = recovery.map {
             BackRing(resuming: shared, requestConsumer: $0.requestConsumer, responseProducer: $0.responseProducer)
         } ?? BackRing(attaching: shared)
@@ -338,8 +342,11 @@ final class RingWorker: @unchecked Sendable {
                 timeout = min(timeout ?? wait, wait)
             }
             if let wait = store?.prepareToWait(uring, cancellationTag: Self.withdrawnTag) { timeout = min(timeout ?? wait, wait) }
+            let idleSince = busy ? nil : DispatchTime.now().uptimeNanoseconds
+            let sleep = !busy && !pollForWork(canTake: canTake) && !(canTake && requestsAfterArming())
             do {
-                try uring.submitAndWait(minimum: busy ? 0 : 1, milliseconds: timeout)
+                try uring.submitAndWait(minimum: sleep ? 1 : 0, milliseconds: timeout)
+                if let idleSince { pollWindow.record(waited: DispatchTime.now().uptimeNanoseconds &- idleSince) }
                 submissionBlocked = false
             } catch let error as SystemCallError where error.errno == EAGAIN || error.errno == EBUSY {
                 statistics.update { $0.outOfResources += 1 }
@@ -369,6 +376,37 @@ final class RingWorker: @unchecked Sendable {
             purgePersistentGrants()
         }
         logger.debug("ring worker stopped")
+    }
+
+    /// Before sleeping, spins for the poll window on what would wake the worker: a completion
+    /// (or work the kernel holds for this thread to run, IORING_SQ_TASKRUN) and, when it may
+    /// take them, requests on the ring. The frontend is not asked to notify meanwhile, so the
+    /// polling saves the guest its notifications too. Whether work came.
+    private func pollForWork(canTake: Bool) -> Bool {
+        guard pollWindow.current > 0 else { return false }
+        // What was just queued (I/O, a socket's poll) must be in flight for its completion to come.
+        do { try uring.submitAndWait(minimum: 0) } catch { return true }   // the wait below reports it
+        let deadline = DispatchTime.now().uptimeNanoseconds &+ pollWindow.current
+        repeat {
+            if uring.hasWork { return true }
+            if canTake, ring.hasUnconsumedRequests {
+                moreToDo = true
+                return true
+            }
+        } while DispatchTime.now().uptimeNanoseconds < deadline
+        return false
+    }
+
+    /// RING_FINAL_CHECK_FOR_REQUESTS, right before sleeping: asks the frontend to notify the
+    /// next request, then looks once more; whether requests came meanwhile.
+    private func requestsAfterArming() -> Bool {
+        do {
+            guard try ring.finalCheckForRequests() else { return false }
+        } catch {
+            // takeRequests halts the ring and says why.
+        }
+        moreToDo = true
+        return true
     }
 
     /// Drains the handle's pending ports; whether the frontend notified us. Our port stays
@@ -438,9 +476,11 @@ final class RingWorker: @unchecked Sendable {
         defer { mapAwaitingGrants() }
         do {
             while true {
+                // The frontend is asked for a notification only when the worker goes to
+                // sleep (requestsAfterArming).
                 if try ring.unconsumedRequests() == 0 {
-                    // RING_FINAL_CHECK_FOR_REQUESTS: arm req_event, then look once more.
-                    guard try ring.finalCheckForRequests() else { moreToDo = false; return taken }
+                    moreToDo = false
+                    return taken
                 }
                 while let request = ring.takeRequest() {
                     dispatch(request, at: ring.requestConsumer &- 1)
