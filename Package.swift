@@ -72,10 +72,15 @@ let package = Package(
             dependencies: ["VBDInterface", "Xenbus", "Blkif", .product(name: "Logging", package: "swift-log")],
             path: "Sources/Engine/ControlPlane"
         ),
+        // The ring worker's state lives in classes, so every change of it was checked for
+        // overlapping access at run time (swift_beginAccess): 7 % of the daemon's CPU per 4k
+        // request through NBD (10.9-11.1 us, 10.1-10.4 without). The checks stay in debug builds,
+        // where every test runs them.
         .target(
             name: "DataPlane",
             dependencies: ["VBDInterface", "Blkif", "Hypervisor", "NBD", "RBD", "CURing", .product(name: "Logging", package: "swift-log")],
-            path: "Sources/Engine/DataPlane"
+            path: "Sources/Engine/DataPlane",
+            swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release))]
         ),
         .target(
             name: "Engine",

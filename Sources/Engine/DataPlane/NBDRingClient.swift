@@ -191,15 +191,17 @@ final class NBDRingClient: NetworkStoreClient {
     /// Retires what the server answered and notices a connection that became ready or died.
     private func collect() {
         guard let connection else { return }
+        var retired = false
         while let (cookie, error) = connection.retireCompleted() {
             guard let command = inFlight.removeValue(forKey: cookie) else { continue }
-            lastProgress = DispatchTime.now().uptimeNanoseconds
+            retired = true
             if error != 0, connection.isDead {
                 waiting.append(command)   // lost with the connection: sent again on the next
             } else {
                 answered.append(IOURing.Completion(tag: command.tag, result: error == 0 ? command.successResult : -error, more: false))
             }
         }
+        if retired { lastProgress = DispatchTime.now().uptimeNanoseconds }
         if connection.isDead {
             connectionLost(NBDError(errno: ECONNRESET, message: "the connection to \(target.uri) was lost"))
         } else if lostSince != nil, connection.isReady {
