@@ -267,6 +267,14 @@ final class NBDRingClient: NetworkStoreClient {
         }
     }
 
+    /// Reads answers already on the socket. Never while libnbd sends a command: it would
+    /// pause the send to read.
+    func drain() {
+        guard let connection, lostSince == nil, !inFlight.isEmpty, !connection.direction.contains(.write) else { return }
+        do { try connection.notify(.read) } catch { logger.debug("NBD socket: \(error)") }
+        collect()
+    }
+
     /// Hands over what finished since the last call.
     func reap(_ body: (IOURing.Completion) -> Void) {
         guard !answered.isEmpty else { return }

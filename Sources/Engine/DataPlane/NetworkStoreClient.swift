@@ -35,6 +35,9 @@ protocol NetworkStoreClient: AnyObject {
     func prepareToWait(_ uring: IOURing, cancellationTag: UInt64) -> Int?
     /// A poll the client armed in the worker's io_uring fired.
     func pollFired(_ completion: IOURing.Completion)
+    /// Takes in what the store already sent, without waiting (between the chunks of a long
+    /// copy, so that a server sending the next answer is not held up meanwhile).
+    func drain()
     /// Hands over the commands that finished since the last call.
     func reap(_ body: (IOURing.Completion) -> Void)
 }

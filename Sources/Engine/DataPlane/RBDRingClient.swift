@@ -66,6 +66,8 @@ final class RBDRingClient: NetworkStoreClient {
     }
 
     func pollFired(_ completion: IOURing.Completion) {}
+    /// librbd's own threads take the cluster's answers in.
+    func drain() {}
 
     func reap(_ body: (IOURing.Completion) -> Void) {
         var progressed = false

@@ -178,6 +178,8 @@ final class RingWorker: @unchecked Sendable {
     static let requestBudget = 32
     /// Linux's UIO_MAXIOV: iovecs per readv/writev.
     static let maxVectorsPerSubmission = 1024
+    /// Pages copied to the guest between two looks at a network store's socket.
+    static let copyChunkSegments = 64
 
     let queue: Int
     let localPort: UInt32
@@ -740,7 +742,16 @@ final class RingWorker: @unchecked Sendable {
         copySegments.removeAll(keepingCapacity: true)
         for index in copying { slots[index].copySegments(into: &copySegments) }
         do {
-            try grants.copy(direction, copySegments)
+            // Data for the guest from a network store goes in chunks, the store's socket
+            // drained between them.
+            let chunk = direction == .toGuest && store != nil ? Self.copyChunkSegments : copySegments.count
+            var start = 0
+            while start < copySegments.count {
+                let end = min(start + chunk, copySegments.count)
+                try grants.copy(direction, end - start == copySegments.count ? copySegments : Array(copySegments[start..<end]))
+                if end < copySegments.count { store?.drain() }
+                start = end
+            }
             return [:]
         } catch where copying.count == 1 {
             return [copying[0]: "\(error)"]
