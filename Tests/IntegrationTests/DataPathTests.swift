@@ -17,6 +17,19 @@ import XenSim
         var ops: Int { json["ops"] as? Int ?? 0 }
     }
 
+    /// Whether a thread of process `pid` is named `name` within 30 s (a ring's thread names
+    /// itself once running, maybe after the backend reached Connected).
+    static func waitForThread(named name: String, in pid: Int32) -> Bool {
+        let deadline = Date().addingTimeInterval(30)
+        repeat {
+            let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
+            let names = tasks.compactMap { try? String(contentsOfFile: "/proc/\(pid)/task/\($0)/comm", encoding: .utf8) }
+            if names.contains(where: { $0.trimmingCharacters(in: .whitespacesAndNewlines) == name }) { return true }
+            usleep(20_000)
+        } while Date() < deadline
+        return false
+    }
+
     static func guest(_ rig: Rig, domid: Int, _ workload: [String], timeout: TimeInterval = 120) throws -> GuestReport {
         let result = try rig.sim.xensim(["frontend"], ["--domid", "\(domid)", "--devid", "51712", "--json"] + workload,
                                         timeout: timeout)
@@ -33,6 +46,9 @@ import XenSim
             "frontend", "--dir", rig.sim.path, "--domid", "1", "--devid", "51712",
             "--workload", "verify", "--bytes", "32M", "--json"])
         #expect(try rig.waitFor("\(DaemonRig.backend)/state", "4"), "backend never Connected: \(rig.daemon.output)")
+        // The ring's thread goes by Linux blkback's name for it, for top -H and perf.
+        #expect(Self.waitForThread(named: "1.51712-0", in: rig.daemon.pid), "no thread 1.51712-0 in the daemon")
+        #expect(Self.waitForThread(named: "blkback-control", in: rig.daemon.pid), "no thread blkback-control in the daemon")
         #expect(running.wait(timeout: 120) == 0, "verify run: \(running.output)")
         let json: [String: Any]? = DaemonRig.report(running.output)
         #expect(json?["verify_failures"] as? Int == 0)

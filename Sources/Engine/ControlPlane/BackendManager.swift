@@ -54,10 +54,10 @@ public final class BackendManager: @unchecked Sendable {
             try context.store.watch(configuration.backendRoot(kind: kind), token: WatchToken.backendTree(kind: kind).text)
         }
         let thread = Thread { [self] in
+            nameCurrentThread("blkback-control")
             run()
             finished.signal()
         }
-        thread.name = "blkback-control"
         // API threads already running read both under the lock (perform, stop, isWatching).
         lock.withLock {
             watching = true

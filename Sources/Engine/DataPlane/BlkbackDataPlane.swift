@@ -141,8 +141,8 @@ public final class BlkbackDataPlane: DataPlane {
             }
         }
         for worker in workers {
-            // As Linux names them: blkback.<domid>.<device>-<queue>.
-            worker.start(name: "blkback.\(request.vbd.domid).\(request.vbd.devid)-\(worker.queue)")
+            // As Linux's blkback names its threads, <domid>.<device>-<queue>, the device by number.
+            worker.start(name: "\(request.vbd.domid).\(request.vbd.devid)-\(worker.queue)")
         }
         logger.info("""
             serving \(workers.count) ring(s) on \(store.path) (io_mode \(ioMode.rawValue)\

@@ -285,11 +285,11 @@ final class RingWorker: @unchecked Sendable {
     func start(name: String) {
         started = true
         let thread = Thread { [self] in
+            nameCurrentThread(name)
             run()
             exited.store(true, ordering: .releasing)
             exitSignal.signal()
         }
-        thread.name = name
         thread.start()
     }
 
